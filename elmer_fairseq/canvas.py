@@ -1,0 +1,67 @@
+"""The decoder canvas: how many ``<mask>`` slots the NAR decoder fills.
+
+ELMER has no length predictor (paper §4.1): the decoder fills a canvas of T
+``<mask>`` tokens and the output is cut at the first ``</s>``. T must never
+depend on the reference, so it is a rule on the source length alone,
+
+    T = clamp(floor(a * src_len + b), 1, max_target_positions),
+
+used identically in training (by the criterion) and in generation.
+"""
+
+import torch
+
+POST_EOS_CHOICES = ("ignore", "pad", "eos")
+LONG_TARGET_CHOICES = ("truncate", "skip")
+
+
+def canvas_lengths(src_lengths, a: float, b: int, max_len: int):
+    """Per-sentence canvas length T from the source length (a rule, never the reference)."""
+    lengths = torch.floor(src_lengths.to(torch.float64) * a + b).long()
+    return lengths.clamp(min=1, max=max_len)
+
+
+def make_canvas(lengths, mask_idx: int, pad_idx: int):
+    """A right-padded (B, max T) batch of ``<mask>`` tokens (Eq. 5 input)."""
+    width = int(lengths.max()) if lengths.numel() > 0 else 1
+    positions = torch.arange(width, device=lengths.device)
+    canvas = torch.full((lengths.size(0), width), mask_idx, dtype=torch.long, device=lengths.device)
+    return canvas.masked_fill_(positions[None, :] >= lengths[:, None], pad_idx)
+
+
+def align_targets(target, canvas, pad_idx: int, eos_idx: int, post_eos: str, long_target: str):
+    """Lay a right-padded ``y + </s>`` target batch onto the canvas.
+
+    Returns ``(targets, loss_mask, n_long)``: ``targets`` is (B, T) like the
+    canvas, ``loss_mask`` marks the positions that carry a loss, ``n_long``
+    counts the targets longer than their canvas. Long targets are cut to the
+    canvas (``truncate``) or left out of the loss (``skip``); either way they
+    are counted so the caller can log them.
+
+    Positions after ``</s>`` are not trained (``ignore``), or are taught to
+    emit ``<pad>`` or ``</s>`` (``pad`` / ``eos``).
+    """
+    if post_eos not in POST_EOS_CHOICES:
+        raise ValueError(f"--post-eos must be one of {POST_EOS_CHOICES}, got {post_eos!r}")
+    if long_target not in LONG_TARGET_CHOICES:
+        raise ValueError(f"--long-target must be one of {LONG_TARGET_CHOICES}, got {long_target!r}")
+    bsz, width = canvas.shape
+    slots = canvas.ne(pad_idx)
+    tgt_len = target.ne(pad_idx).sum(1)
+    canvas_len = slots.sum(1)
+    is_long = tgt_len > canvas_len
+
+    # copy the reference into the canvas; positions beyond it get the post-EOS filler
+    common = min(width, target.size(1))
+    filler = eos_idx if post_eos == "eos" else pad_idx
+    targets = torch.full_like(canvas, filler)
+    targets[:, :common] = target[:, :common]
+    positions = torch.arange(width, device=canvas.device)[None, :]
+    in_ref = positions < tgt_len[:, None]
+    targets = torch.where(in_ref, targets, torch.full_like(targets, filler))
+
+    loss_mask = slots & (in_ref | (post_eos != "ignore"))
+    if long_target == "skip":
+        loss_mask &= ~is_long[:, None]
+    targets = targets.masked_fill(~slots, pad_idx)
+    return targets, loss_mask, is_long.sum()

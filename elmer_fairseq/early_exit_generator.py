@@ -1,0 +1,94 @@
+"""One-pass early-exit generator for ``elmer_nat`` (paper §4.1, §4.3).
+
+One encoder pass and one decoder pass over the ``<mask>`` canvas, no
+iterations and no length predictor. Each token is read at its exit layer:
+the last layer, or (hard early exit, Eq. 10) the first layer whose off-ramp
+entropy is below δ. The hypothesis is cut at the first ``</s>``.
+
+Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
+``positional_scores``, ``alignment``) so ``fairseq-generate`` and
+``fairseq-interactive`` print them as usual, plus ``exit_layers``.
+"""
+
+import torch
+
+from .exit_policies import EntropyExit, LastLayerExit
+
+
+def cut_at_first_eos(tokens, eos: int, pad: int):
+    """Length of each row up to and including its first ``eos``, or up to its padding.
+
+    tokens: (B, T). Returns lengths (B,), vectorised.
+    """
+    width = tokens.size(1)
+    positions = torch.arange(width, device=tokens.device).expand_as(tokens)
+    stop = tokens.eq(eos) | tokens.eq(pad)
+    first = torch.where(stop, positions, torch.full_like(positions, width)).min(1).values
+    is_eos = tokens.gather(1, first.clamp(max=width - 1)[:, None]).squeeze(1).eq(eos) & (first < width)
+    return first + is_eos.long()
+
+
+class EarlyExitGenerator:
+    def __init__(self, tgt_dict, exit_threshold=None, retain_exit_layers=True):
+        if exit_threshold is not None and exit_threshold < 0:
+            raise ValueError(f"--exit-threshold must be >= 0, got {exit_threshold}")
+        self.tgt_dict = tgt_dict
+        self.eos = tgt_dict.eos()
+        self.pad = tgt_dict.pad()
+        self.exit_threshold = exit_threshold
+        self.retain_exit_layers = retain_exit_layers
+        # never emitted: they carry no text
+        self.banned = sorted({tgt_dict.pad(), tgt_dict.bos(), tgt_dict.index("<mask>")})
+
+    def make_policy(self):
+        if self.exit_threshold:
+            return EntropyExit(self.exit_threshold, banned=self.banned)
+        return LastLayerExit()
+
+    @torch.no_grad()
+    def decode(self, model, src_tokens, src_lengths):
+        """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
+        canvas = model.initialize_canvas(src_lengths)
+        policy = self.make_policy()
+        states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
+        exit_layers = extra["exit_layers"]
+        if isinstance(policy, EntropyExit):
+            tokens, scores = policy.tokens.t(), policy.scores.t()
+        else:
+            lprobs = model.decoder.off_ramp_log_probs(states, model.num_exit_layers)
+            lprobs[..., self.banned] = float("-inf")
+            scores, tokens = lprobs.max(-1)
+        pad = canvas.eq(self.pad)
+        tokens = tokens.masked_fill(pad, self.pad)
+        return tokens, scores, exit_layers
+
+    @torch.no_grad()
+    def generate(self, models, sample, prefix_tokens=None, constraints=None, **kwargs):
+        if len(models) != 1:
+            raise NotImplementedError("the early-exit generator takes one model, not an ensemble")
+        if prefix_tokens is not None or constraints is not None:
+            raise NotImplementedError("the early-exit generator supports neither --prefix-size nor constraints")
+        model = models[0]
+        model.eval()
+        net_input = sample["net_input"]
+        tokens, scores, exit_layers = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])
+        lengths = cut_at_first_eos(tokens, self.eos, self.pad)
+        # one host sync for the lengths; slicing below is not a sync
+        hyp_lengths = lengths.tolist()
+        scores = scores.float()
+        finals = []
+        for i, n in enumerate(hyp_lengths):
+            n = max(n, 1)
+            hyp_tokens = tokens[i, :n]
+            positional = scores[i, :n]
+            hypo = {
+                "tokens": hyp_tokens,
+                "score": positional.mean(),
+                "attention": None,
+                "alignment": None,
+                "positional_scores": positional,
+            }
+            if self.retain_exit_layers:
+                hypo["exit_layers"] = exit_layers[i, :n]
+            finals.append([hypo])
+        return finals

@@ -1,0 +1,305 @@
+"""``elmer_nat``: the ELMER non-autoregressive encoder-decoder (paper §4.1).
+
+Encoder: fairseq's ``TransformerEncoderBase``. Decoder: a canvas of T
+``<mask>`` embeddings plus learned positions (Eq. 4-5), fairseq's
+``TransformerDecoderLayerBase`` layers with bidirectional self-attention and
+cross-attention, and an off-ramp softmax classifier after every layer
+(Eq. 7-8). A token that exits at layer l keeps h^l unchanged in every upper
+layer, where it remains a key/value for the tokens still running.
+"""
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqEncoderDecoderModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.transformer import TransformerConfig, TransformerEncoderBase
+from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.utils import safe_getattr
+from omegaconf import II, DictConfig, OmegaConf
+
+from .canvas import LONG_TARGET_CHOICES, POST_EOS_CHOICES, canvas_lengths, make_canvas
+from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
+
+logger = logging.getLogger(__name__)
+
+MASK_SYMBOL = "<mask>"
+
+
+@dataclass
+class ElmerNATConfig(FairseqDataclass):
+    """Defaults are BART-base's shape, so BART-base weights fit (paper §5.1)."""
+
+    activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
+        default="gelu", metadata={"help": "activation function"}
+    )
+    dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
+    encoder_embed_dim: int = field(default=768, metadata={"help": "encoder embedding dimension"})
+    encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "encoder FFN dimension"})
+    encoder_layers: int = field(default=6, metadata={"help": "encoder layers"})
+    encoder_attention_heads: int = field(default=12, metadata={"help": "encoder attention heads"})
+    encoder_normalize_before: bool = field(
+        default=False, metadata={"help": "pre-norm encoder layers (BART is post-norm)"}
+    )
+    decoder_embed_dim: int = field(default=768, metadata={"help": "decoder embedding dimension"})
+    decoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "decoder FFN dimension"})
+    decoder_layers: int = field(
+        default=6, metadata={"help": "decoder layers L; each has an off-ramp, so L exit layers"}
+    )
+    decoder_attention_heads: int = field(default=12, metadata={"help": "decoder attention heads"})
+    decoder_normalize_before: bool = field(
+        default=False,
+        metadata={"help": "pre-norm decoder layers; a shared final layer norm then precedes every off-ramp"},
+    )
+    layernorm_embedding: bool = field(default=True, metadata={"help": "layer norm on the embeddings"})
+    no_scale_embedding: bool = field(
+        default=True, metadata={"help": "do not scale embeddings by sqrt(dim) (BART does not)"}
+    )
+    share_all_embeddings: bool = field(
+        default=True,
+        metadata={"help": "share encoder, decoder and off-ramp embeddings (needs --joined-dictionary)"},
+    )
+    per_layer_off_ramps: bool = field(
+        default=False,
+        metadata={"help": "one off-ramp classifier W_c^l per decoder layer (Eq. 8) instead of one shared"},
+    )
+    exit_copy_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "let gradients flow through the state an exited token passes to upper layers "
+            "(the released ELMER code detaches it; default: detached)"
+        },
+    )
+    canvas_len_a: float = field(
+        default=1.0, metadata={"help": "canvas length T = floor(a * source length + b): the a"}
+    )
+    canvas_len_b: int = field(
+        default=10, metadata={"help": "canvas length T = floor(a * source length + b): the b"}
+    )
+    post_eos: ChoiceEnum(POST_EOS_CHOICES) = field(
+        default="ignore",
+        metadata={"help": "positions after </s>: not trained (ignore), or taught to emit <pad> or </s>"},
+    )
+    long_target: ChoiceEnum(LONG_TARGET_CHOICES) = field(
+        default="truncate",
+        metadata={"help": "training targets longer than their canvas: cut them, or leave them out of the loss; counted"},
+    )
+    max_source_positions: int = II("task.max_source_positions")
+    max_target_positions: int = II("task.max_target_positions")
+
+
+def _transformer_config(cfg) -> TransformerConfig:
+    """fairseq's TransformerConfig from our flat config (DictConfig or Namespace)."""
+    if isinstance(cfg, DictConfig):
+        cfg = argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True))
+    return TransformerConfig.from_namespace(cfg)
+
+
+def check_config(cfg):
+    """Reject nonsense options at start, naming the flag."""
+    if cfg.decoder_layers < 1:
+        raise ValueError(f"--decoder-layers must be >= 1, got {cfg.decoder_layers}")
+    if cfg.canvas_len_a < 0:
+        raise ValueError(f"--canvas-len-a must be >= 0, got {cfg.canvas_len_a}")
+    if math.floor(cfg.canvas_len_b + cfg.canvas_len_a) < 1:
+        raise ValueError(
+            f"--canvas-len-a {cfg.canvas_len_a} --canvas-len-b {cfg.canvas_len_b} give a canvas "
+            "of length < 1 for a one-token source"
+        )
+
+
+@register_model("elmer_nat", dataclass=ElmerNATConfig)
+class ElmerNATModel(FairseqEncoderDecoderModel):
+    """ELMER: NAR Transformer with token-level early exit (paper §4)."""
+
+    def __init__(self, cfg, encoder, decoder):
+        super().__init__(encoder, decoder)
+        self.cfg = cfg
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        check_config(cfg)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        if MASK_SYMBOL not in tgt_dict:
+            raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use --task nat_early_exit, which adds it")
+        tcfg = _transformer_config(cfg)
+        if cfg.share_all_embeddings:
+            if src_dict != tgt_dict:
+                raise ValueError("--share-all-embeddings needs a joined dictionary (fairseq-preprocess --joined-dictionary)")
+            if cfg.encoder_embed_dim != cfg.decoder_embed_dim:
+                raise ValueError("--share-all-embeddings needs --encoder-embed-dim equal to --decoder-embed-dim")
+            enc_emb = dec_emb = nn.Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
+        else:
+            enc_emb = nn.Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
+            dec_emb = nn.Embedding(len(tgt_dict), cfg.decoder_embed_dim, tgt_dict.pad())
+        for emb in {id(enc_emb): enc_emb, id(dec_emb): dec_emb}.values():
+            nn.init.normal_(emb.weight, mean=0, std=emb.embedding_dim**-0.5)
+            nn.init.constant_(emb.weight[emb.padding_idx], 0)
+        encoder = TransformerEncoderBase(tcfg, src_dict, enc_emb)
+        decoder = ElmerDecoder(cfg, tcfg, tgt_dict, dec_emb)
+        return cls(cfg, encoder, decoder)
+
+    @property
+    def num_exit_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def initialize_canvas(self, src_lengths):
+        """The (B, T) ``<mask>`` canvas for a batch; T follows the length rule only."""
+        lengths = canvas_lengths(
+            src_lengths, self.cfg.canvas_len_a, self.cfg.canvas_len_b, self.decoder.max_positions()
+        )
+        return make_canvas(lengths, self.decoder.mask_idx, self.decoder.padding_idx)
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, exit_layers=None, policy=None, return_all_hiddens=False):
+        """Encode once and decode the canvas ``prev_output_tokens``.
+
+        ``prev_output_tokens`` may hold k canvases per source (k*B rows, as
+        LPLM's samples): the encoder output is then repeated k times rather
+        than recomputed. ``exit_layers`` (k*B, T) in 1..L selects
+        ``AssignedExit``; otherwise ``policy`` (default: last layer).
+        """
+        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        bsz = src_tokens.size(0)
+        if prev_output_tokens.size(0) != bsz:
+            k = prev_output_tokens.size(0) // bsz
+            if k * bsz != prev_output_tokens.size(0):
+                raise ValueError("the canvas batch must be a multiple of the source batch")
+            order = torch.arange(bsz, device=src_tokens.device).repeat_interleave(k)
+            encoder_out = self.encoder.reorder_encoder_out(encoder_out, order)
+        if exit_layers is not None:
+            policy = AssignedExit(exit_layers)
+        return self.decoder(prev_output_tokens, encoder_out, policy=policy, return_all_hiddens=return_all_hiddens)
+
+
+class ElmerDecoder(FairseqDecoder):
+    """NAR decoder with an off-ramp at every layer and token-level exit."""
+
+    def __init__(self, cfg, tcfg: TransformerConfig, dictionary, embed_tokens):
+        super().__init__(dictionary)
+        embed_dim = cfg.decoder_embed_dim
+        self.padding_idx = dictionary.pad()
+        self.mask_idx = dictionary.index(MASK_SYMBOL)
+        self.max_target_positions = cfg.max_target_positions
+        self.exit_copy_grad = cfg.exit_copy_grad
+        self.embed_tokens = embed_tokens
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(embed_dim)
+        self.embed_positions = PositionalEmbedding(
+            cfg.max_target_positions, embed_dim, self.padding_idx, learned=True
+        )
+        self.layernorm_embedding = LayerNorm(embed_dim) if cfg.layernorm_embedding else None
+        self.dropout_module = FairseqDropout(cfg.dropout, module_name=self.__class__.__name__)
+        self.layers = nn.ModuleList(
+            [TransformerDecoderLayerBase(tcfg, no_encoder_attn=False) for _ in range(cfg.decoder_layers)]
+        )
+        # pre-norm layers leave un-normalised states: normalise before every off-ramp
+        self.ramp_norm = LayerNorm(embed_dim) if cfg.decoder_normalize_before else None
+        num_ramps = cfg.decoder_layers if cfg.per_layer_off_ramps else 1
+        self.off_ramps = nn.ModuleList(
+            [nn.Linear(embed_dim, len(dictionary), bias=False) for _ in range(num_ramps)]
+        )
+        for ramp in self.off_ramps:
+            nn.init.normal_(ramp.weight, mean=0, std=embed_dim**-0.5)
+        # the (last) off-ramp is the embedding matrix, as in BART and the released ELMER
+        self.off_ramps[-1].weight = self.embed_tokens.weight
+
+    def max_positions(self):
+        return self.max_target_positions
+
+    def embed(self, canvas):
+        """Eq. 5: h^0 = Embed([MASK]) + position, as (T, B, C)."""
+        x = self.embed_scale * self.embed_tokens(canvas) + self.embed_positions(canvas)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return self.dropout_module(x).transpose(0, 1)
+
+    def off_ramp(self, states, layer: int):
+        """Eq. 8 logits W_c^l h^l for states from layer ``layer`` (1-based), any leading shape."""
+        if self.ramp_norm is not None:
+            states = self.ramp_norm(states)
+        ramp = self.off_ramps[layer - 1] if len(self.off_ramps) > 1 else self.off_ramps[0]
+        return ramp(states)
+
+    def off_ramp_log_probs(self, states, layer: int):
+        return F.log_softmax(self.off_ramp(states, layer).float(), dim=-1)
+
+    def project(self, states, layers):
+        """Logits of states (N, C) each at its own exit layer ``layers`` (N,), in 1..L.
+
+        With one shared off-ramp this is a single projection; per-layer
+        off-ramps loop over the L layers (never over tokens).
+        """
+        if len(self.off_ramps) == 1:
+            return self.off_ramp(states, 1)
+        out = states.new_empty(states.shape[:-1] + (len(self.dictionary),))
+        for layer in range(1, len(self.layers) + 1):
+            sel = layers.eq(layer)
+            out[sel] = self.off_ramp(states[sel], layer)
+        return out
+
+    def forward(self, canvas, encoder_out, policy: ExitPolicy = None, return_all_hiddens=False):
+        """Run the layers with token-level exit.
+
+        Returns ``(exit_states, extra)``: exit_states (B, T, C) holds h^{l_t}
+        of every token t at its exit layer l_t (the state Eq. 9 scores), and
+        ``extra["exit_layers"]`` (B, T) the l_t (0 at padding). With
+        ``return_all_hiddens``, ``extra["inner_states"]`` lists the (T, B, C)
+        states after the embedding and after each layer that ran.
+        """
+        policy = policy if policy is not None else LastLayerExit()
+        num_layers = len(self.layers)
+        last = policy.num_layers_to_run(num_layers)
+        x = self.embed(canvas)
+        pad = canvas.eq(self.padding_idx)
+        enc = encoder_out["encoder_out"][0] if encoder_out["encoder_out"] else None
+        enc_pad = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
+        self_pad = pad if pad.any() else None
+
+        done = pad.t()  # (T, B): padding counts as exited
+        exit_layer = torch.zeros_like(done, dtype=torch.long)
+        exit_state = torch.zeros_like(x)
+        inner_states = [x] if return_all_hiddens else None
+        for idx in range(last):
+            layer = idx + 1
+            y, _, _ = self.layers[idx](
+                x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False
+            )
+            now = policy(layer, y, ~done, layer == last, self)
+            exit_state = torch.where(now[..., None], y, exit_state)
+            exit_layer = exit_layer.masked_fill(now, layer)
+            done = done | now
+            # an exited token passes its exit state, unchanged, to every upper layer
+            carried = exit_state if self.exit_copy_grad else exit_state.detach()
+            x = torch.where(done[..., None], carried, y)
+            if return_all_hiddens:
+                inner_states.append(x)
+            if policy.may_stop_early and layer < last and bool(done.all()):
+                break
+        extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "policy": policy}
+        return exit_state.transpose(0, 1), extra
+
+
+@register_model_architecture("elmer_nat", "elmer_nat_tiny")
+def elmer_nat_tiny(args):
+    """A tiny preset for tests and the CPU demo."""
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 128)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 512)
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 3)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 4)
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 128)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 512)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 3)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)

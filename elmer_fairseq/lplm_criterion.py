@@ -1,0 +1,101 @@
+"""``lplm``: Layer Permutation Language Modeling loss (paper §4.2, Eq. 9).
+
+Every target token t gets an exit layer l_t drawn uniformly from 1..L; the
+loss is -log Pr(y_t | h_t^{l_t}) at that layer's off-ramp, with the copy
+semantics of the decoder (a token that exited stays a key/value above).
+``--lplm-samples k`` draws k independent assignments per sequence and runs
+them as one batch of k*B canvases over a single encoder pass.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass import FairseqDataclass
+
+from .canvas import align_targets
+
+
+@dataclass
+class LPLMCriterionConfig(FairseqDataclass):
+    lplm_samples: int = field(
+        default=1,
+        metadata={"help": "exit-layer assignments drawn per sequence, run in one batched pass (paper: 10 in pre-training)"},
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon, 0 for none"})
+
+
+def sample_exit_layers(mask, num_layers: int, k: int):
+    """k independent uniform draws of an exit layer in 1..L per position: (k*B, T), rows grouped per sentence."""
+    rows = mask.size(0) * k
+    return torch.randint(1, num_layers + 1, (rows, mask.size(1)), device=mask.device)
+
+
+@register_criterion("lplm", dataclass=LPLMCriterionConfig)
+class LPLMCriterion(FairseqCriterion):
+    def __init__(self, task, lplm_samples=1, label_smoothing=0.0):
+        super().__init__(task)
+        if lplm_samples < 1:
+            raise ValueError(f"--lplm-samples must be >= 1, got {lplm_samples}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
+        self.k = lplm_samples
+        self.eps = label_smoothing
+
+    def forward(self, model, sample, reduce=True, exit_layers=None):
+        """Loss of one batch; ``exit_layers`` (k*B, T) overrides the random draw (for tests)."""
+        src_tokens = sample["net_input"]["src_tokens"]
+        src_lengths = sample["net_input"]["src_lengths"]
+        canvas = model.initialize_canvas(src_lengths)
+        pad, eos = self.task.target_dictionary.pad(), self.task.target_dictionary.eos()
+        targets, mask, n_long = align_targets(
+            sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
+        )
+        k = self.k
+        if exit_layers is None:
+            exit_layers = sample_exit_layers(canvas, model.num_exit_layers, k)
+        else:
+            k = exit_layers.size(0) // canvas.size(0)
+        if k > 1:
+            canvas = canvas.repeat_interleave(k, dim=0)
+            targets = targets.repeat_interleave(k, dim=0)
+            mask = mask.repeat_interleave(k, dim=0)
+        exit_layers = exit_layers.masked_fill(~canvas.ne(pad), 1)
+
+        states, _ = model(src_tokens, src_lengths, canvas, exit_layers=exit_layers)
+        layers = exit_layers[mask]
+        logits = model.decoder.project(states[mask], layers)
+        lprobs = utils.log_softmax(logits, dim=-1)
+        loss, nll_loss = label_smoothed_nll_loss(lprobs, targets[mask], self.eps, reduce=reduce)
+
+        sample_size = mask.sum() // k
+        logging_output = {
+            "loss": loss.data / k,
+            "nll_loss": nll_loss.data / k,
+            "ntokens": sample["ntokens"],
+            "nsentences": src_tokens.size(0),
+            "sample_size": sample_size,
+            "exit_layer_sum": layers.sum().data / k,
+            "long_targets": n_long,
+        }
+        return loss / k, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size = total("sample_size")
+        denom = max(sample_size, 1)
+        metrics.log_scalar("loss", total("loss") / denom / math.log(2), sample_size, round=3)
+        metrics.log_scalar("nll_loss", total("nll_loss") / denom / math.log(2), sample_size, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+        metrics.log_scalar("exit_layer", total("exit_layer_sum") / denom, sample_size, round=2)
+        metrics.log_scalar_sum("long_targets", total("long_targets"))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

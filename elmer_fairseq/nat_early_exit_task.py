@@ -1,0 +1,68 @@
+"""``nat_early_exit``: sequence-to-sequence task for ELMER.
+
+Reads ``fairseq-preprocess`` pair data like ``translation``, adds ``<mask>``
+to the dictionaries when they lack it, counts and logs truncated sources, and
+returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
+``fairseq-interactive`` work with no extra flags.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from .early_exit_generator import EarlyExitGenerator
+from .elmer_nat_model import MASK_SYMBOL
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NATEarlyExitConfig(TranslationConfig):
+    exit_threshold: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "hard early exit at generation (Eq. 10): a token exits at the first decoder layer whose "
+            "off-ramp entropy (natural log) is below this threshold; unset or 0: every token exits at the last layer"
+        },
+    )
+
+
+def _raw_sizes(dataset):
+    """Token counts of the binarized data under fairseq's wrapper datasets."""
+    if hasattr(dataset, "datasets"):  # ConcatDataset of shards
+        return np.concatenate([_raw_sizes(d) for d in dataset.datasets])
+    while hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return np.asarray(dataset.sizes)
+
+
+@register_task("nat_early_exit", dataclass=NATEarlyExitConfig)
+class NATEarlyExitTask(TranslationTask):
+    cfg: NATEarlyExitConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        if cfg.exit_threshold is not None and cfg.exit_threshold < 0:
+            raise ValueError(f"--exit-threshold must be >= 0, got {cfg.exit_threshold}")
+        for name, dictionary in (("source", src_dict), ("target", tgt_dict)):
+            if MASK_SYMBOL not in dictionary:
+                dictionary.add_symbol(MASK_SYMBOL)
+                logger.info(f"added {MASK_SYMBOL} to the {name} dictionary (index {dictionary.index(MASK_SYMBOL)})")
+        super().__init__(cfg, src_dict, tgt_dict)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        src = self.datasets[split].src
+        too_long = int((_raw_sizes(src) > self.cfg.max_source_positions).sum())
+        if too_long:
+            action = "truncated to" if self.cfg.truncate_source else "will be skipped (or refused) as longer than"
+            logger.warning(
+                f"{split}: {too_long} of {len(src)} sources {action} "
+                f"--max-source-positions {self.cfg.max_source_positions}"
+            )
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
+        return EarlyExitGenerator(self.target_dictionary, exit_threshold=self.cfg.exit_threshold)
