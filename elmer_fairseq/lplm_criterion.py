@@ -28,10 +28,12 @@ class LPLMCriterionConfig(FairseqDataclass):
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon, 0 for none"})
 
 
-def sample_exit_layers(mask, num_layers: int, k: int):
+def sample_exit_layers(canvas, num_layers: int, k: int, generator=None):
     """k independent uniform draws of an exit layer in 1..L per position: (k*B, T), rows grouped per sentence."""
-    rows = mask.size(0) * k
-    return torch.randint(1, num_layers + 1, (rows, mask.size(1)), device=mask.device)
+    rows = canvas.size(0) * k
+    return torch.randint(
+        1, num_layers + 1, (rows, canvas.size(1)), device=canvas.device, generator=generator
+    )
 
 
 @register_criterion("lplm", dataclass=LPLMCriterionConfig)
@@ -56,14 +58,18 @@ class LPLMCriterion(FairseqCriterion):
         )
         k = self.k
         if exit_layers is None:
-            exit_layers = sample_exit_layers(canvas, model.num_exit_layers, k)
+            # validation draws the same exit layers every time, so its loss is comparable across epochs
+            generator = None
+            if not model.training:
+                generator = torch.Generator(device=canvas.device).manual_seed(0)
+            exit_layers = sample_exit_layers(canvas, model.num_exit_layers, k, generator)
         else:
             k = exit_layers.size(0) // canvas.size(0)
         if k > 1:
             canvas = canvas.repeat_interleave(k, dim=0)
             targets = targets.repeat_interleave(k, dim=0)
             mask = mask.repeat_interleave(k, dim=0)
-        exit_layers = exit_layers.masked_fill(~canvas.ne(pad), 1)
+        exit_layers = exit_layers.masked_fill(canvas.eq(pad), 1)  # padding runs no extra layer
 
         states, _ = model(src_tokens, src_lengths, canvas, exit_layers=exit_layers)
         layers = exit_layers[mask]

@@ -64,5 +64,21 @@ class NATEarlyExitTask(TranslationTask):
                 f"--max-source-positions {self.cfg.max_source_positions}"
             )
 
+    def get_batch_iterator(self, dataset, **kwargs):
+        """fairseq 0.12 drops the last batch when it is not a multiple of
+        --required-batch-size-multiple (fairseq issue 5036): fairseq-generate then
+        skips up to 7 test sentences and training skips the same longest pairs
+        every epoch. We batch with a multiple of 1 instead, and say so."""
+        multiple = kwargs.get("required_batch_size_multiple", 1)
+        if multiple > 1:
+            if not getattr(self, "_warned_multiple", False):
+                logger.warning(
+                    f"--required-batch-size-multiple {multiple} ignored (using 1): fairseq would drop "
+                    "the last batch of every split that is not a multiple of it"
+                )
+                self._warned_multiple = True
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, **kwargs)
+
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
         return EarlyExitGenerator(self.target_dictionary, exit_threshold=self.cfg.exit_threshold)

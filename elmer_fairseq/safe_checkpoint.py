@@ -12,20 +12,24 @@ import collections
 
 import torch
 
-# What fairseq 0.12 checkpoints pickle besides tensors, dicts, lists and scalars:
-# the legacy ``args`` Namespace, OrderedDicts, and the collections/numpy scalars
-# of meters and dataset iterator state.
-SAFE_GLOBALS = [argparse.Namespace, collections.OrderedDict, collections.defaultdict]
+# What fairseq checkpoints pickle besides tensors, dicts, lists and Python scalars:
+# the legacy ``args`` Namespace (BART's model.pt, pre-0.10 checkpoints),
+# OrderedDicts (state dicts, meters) and numpy scalars (older meters and losses).
+SAFE_GLOBALS = [argparse.Namespace, collections.OrderedDict]
 
 
 def _numpy_globals():
+    """numpy scalars (e.g. a best loss saved as np.float64) and their dtypes; no arrays."""
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with torch
         return []
-    from numpy.core.multiarray import scalar as np_scalar
+    try:
+        from numpy._core.multiarray import scalar as np_scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar as np_scalar
 
-    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
     return [np_scalar, np.dtype] + dtypes
 
 

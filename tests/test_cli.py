@@ -1,0 +1,127 @@
+"""End to end through fairseq's own CLIs with --user-dir: preprocess, train, resume, generate, interactive."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TRAIN_FLAGS = [
+    "--user-dir", os.path.join(REPO, "elmer_fairseq"),
+    "--task", "nat_early_exit", "--arch", "elmer_nat_tiny", "--criterion", "lplm",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-layers", "2", "--decoder-layers", "3",
+    "--canvas-len-a", "0.5", "--canvas-len-b", "4",
+    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512",
+    "--cpu", "--num-workers", "0", "--seed", "1", "--log-format", "simple", "--log-interval", "1",
+    "--no-epoch-checkpoints",
+]
+
+
+def run(module, args, **kw):
+    proc = subprocess.run(
+        [sys.executable, "-m", module] + args, capture_output=True, text=True, cwd=REPO, **kw
+    )
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    raw = os.path.join(REPO, "data-bin", "sample-raw")
+    tmp = tmp_path_factory.mktemp("cli")
+    # a word-level slice of the bundled corpus keeps this fast
+    for split, n in (("train", 48), ("valid", 8), ("test", 6)):
+        for side in ("src", "tgt"):
+            with open(os.path.join(raw, f"{split}.{side}"), encoding="utf-8") as f:
+                lines = [" ".join(next(f).split()[:24]) for _ in range(n)]
+            (tmp / f"{split}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dest = tmp / "data-bin"
+    ok(run("fairseq_cli.preprocess", [
+        "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", str(tmp / "train"), "--validpref", str(tmp / "valid"), "--testpref", str(tmp / "test"),
+        "--destdir", str(dest), "--joined-dictionary", "--workers", "1",
+    ]))
+    return tmp, dest
+
+
+@pytest.fixture(scope="module")
+def trained(data_bin):
+    tmp, dest = data_bin
+    ckpt = tmp / "ckpt"
+    out = ok(run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + ["--max-update", "4", "--save-dir", str(ckpt)]))
+    assert (ckpt / "checkpoint_last.pt").exists()
+    losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", out)]
+    assert losses, out[-2000:]
+    return tmp, dest, ckpt, out
+
+
+def test_train_logs_lplm_metrics(trained):
+    out = trained[3]
+    assert "exit_layer" in out and "long_targets" in out
+    assert "added <mask>" in out
+
+
+def test_resume_loads_checkpoint_last(trained):
+    tmp, dest, ckpt, _ = trained
+    out = ok(run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + ["--max-update", "6", "--save-dir", str(ckpt)]))
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", out), out[-2000:]
+    assert "num_updates 6" in out or "num_updates=6" in out
+
+
+def test_generate_prints_hypotheses_and_bleu(trained):
+    tmp, dest, ckpt, _ = trained
+    out = ok(run("fairseq_cli.generate", [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(ckpt / "checkpoint_last.pt"), "--gen-subset", "test", "--cpu", "--batch-size", "4",
+    ]))
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
+    assert len(re.findall(r"^P-\d+\t", out, re.M)) == 6
+    assert "BLEU4" in out
+
+
+def test_generate_with_hard_exit_threshold(trained):
+    tmp, dest, ckpt, _ = trained
+    out = ok(run("fairseq_cli.generate", [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(ckpt / "checkpoint_last.pt"), "--gen-subset", "test", "--cpu", "--exit-threshold", "0.5",
+    ]))
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
+
+
+def test_interactive(trained):
+    tmp, dest, ckpt, _ = trained
+    proc = run("fairseq_cli.interactive", [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(ckpt / "checkpoint_last.pt"), "--cpu", "--source-lang", "src", "--target-lang", "tgt",
+    ], input="Return the number of bytes written .\nRemove a section from the parser .\n")
+    out = ok(proc)
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 2
+
+
+def test_generate_refuses_a_code_payload_checkpoint(trained, tmp_path):
+    _, dest, _, _ = trained
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    code = (
+        "import os, torch\n"
+        "class P:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'model': {{}}, 'cfg': None, 'x': P()}}, '{evil}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = run("fairseq_cli.generate", [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(evil), "--gen-subset", "test", "--cpu",
+    ])
+    assert proc.returncode != 0
+    assert "Weights only load failed" in proc.stderr
+    assert not marker.exists()

@@ -1,0 +1,99 @@
+"""The one-pass generator: cut at the first </s>, independence from the reference, over-fitting."""
+
+import torch
+
+from conftest import encode, make_model, make_sample
+from elmer_fairseq.early_exit_generator import EarlyExitGenerator, cut_at_first_eos
+from elmer_fairseq.lplm_criterion import LPLMCriterion
+
+
+def naive_cut(row, eos, pad):
+    out = 0
+    for tok in row:
+        if tok == pad:
+            return out
+        out += 1
+        if tok == eos:
+            return out
+    return out
+
+
+def test_cut_at_first_eos_matches_naive_loop():
+    eos, pad = 2, 1
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 6, (200, 9), generator=gen)
+    lengths = cut_at_first_eos(tokens, eos, pad)
+    assert lengths.tolist() == [naive_cut(r.tolist(), eos, pad) for r in tokens]
+
+
+def test_generator_cuts_at_first_eos(task, monkeypatch):
+    """Rig the decoder so it predicts 'cat dog </s> red </s>': the hypothesis is 'cat dog </s>'."""
+    d = task.target_dictionary
+    model = make_model(task, canvas_len_a=0.0, canvas_len_b=5)
+    wanted = torch.tensor([d.index("cat"), d.index("dog"), d.eos(), d.index("red"), d.eos()])
+
+    def rigged(states, layer):
+        logits = torch.zeros(states.shape[:-1] + (len(d),))
+        logits[..., :] = -10.0
+        logits.scatter_(-1, wanted.expand(states.shape[:-1])[..., None], 10.0)
+        return torch.log_softmax(logits, -1)
+
+    monkeypatch.setattr(model.decoder, "off_ramp_log_probs", rigged)
+    sample = make_sample(task, ["the cat sat on the mat"], ["cat"])
+    hypo = EarlyExitGenerator(d).generate([model], sample)[0][0]
+    assert hypo["tokens"].tolist() == wanted[:3].tolist()
+    assert hypo["positional_scores"].shape == (3,)
+    assert d.string(hypo["tokens"]) == "cat dog"
+
+
+def test_generation_ignores_the_reference(task):
+    model = make_model(task)
+    sources = ["the cat sat on the mat", "a dog ran"]
+    gen = EarlyExitGenerator(task.target_dictionary)
+    short = gen.generate([model], make_sample(task, sources, ["cat", "dog"]))
+    long = gen.generate([model], make_sample(task, sources, ["cat sat on a big red mat under the tree", "a"]))
+    src, src_len = encode(task, sources)
+    canvas = model.initialize_canvas(src_len)
+    assert canvas.ne(task.target_dictionary.pad()).sum(1).tolist() == [7 + 2, 4 + 2]  # a=1, b=2
+    for a, b in zip(short, long):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
+
+
+def test_entropy_generator_threshold_zero_equals_last_layer(task):
+    model = make_model(task)
+    sample = make_sample(task, ["the cat sat on the mat", "a dog ran"], ["x", "y"])
+    last = EarlyExitGenerator(task.target_dictionary).generate([model], sample)
+    hard0 = EarlyExitGenerator(task.target_dictionary, exit_threshold=1e-12).generate([model], sample)
+    for a, b in zip(last, hard0):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
+        torch.testing.assert_close(a[0]["positional_scores"], b[0]["positional_scores"])
+
+
+def test_tiny_model_overfits_a_handful_of_pairs(task):
+    pairs = [
+        ("the cat sat on the mat", "cat sat"),
+        ("a dog ran under the tree", "dog ran under tree"),
+        ("the big red dog", "red dog"),
+        ("a small blue cat ran fast", "small cat ran fast"),
+        ("the slow dog sat", "slow dog"),
+        ("a tree on a mat", "tree on mat"),
+    ]
+    model = make_model(task, canvas_len_a=0.0, canvas_len_b=6, decoder_layers=3, encoder_embed_dim=32,
+                       decoder_embed_dim=32, encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64)
+    sample = make_sample(task, [p[0] for p in pairs], [p[1] for p in pairs])
+    crit = LPLMCriterion(task, lplm_samples=2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    torch.manual_seed(0)
+    first = None
+    for _ in range(300):
+        loss, size, _ = crit(model, sample)
+        opt.zero_grad()
+        (loss / size).backward()
+        opt.step()
+        first = first if first is not None else loss.item() / size
+    model.eval()
+    final = crit(model, sample)[0].item() / size
+    assert final < 0.05 * first
+    hypos = EarlyExitGenerator(task.target_dictionary).generate([model], sample)
+    assert [task.target_dictionary.string(h[0]["tokens"]) for h in hypos] == [p[1] for p in pairs]
