@@ -55,6 +55,10 @@ class ElmerNATConfig(FairseqDataclass):
     encoder_normalize_before: bool = field(
         default=False, metadata={"help": "pre-norm encoder layers (BART is post-norm)"}
     )
+    sinusoidal_encoder_positions: bool = field(
+        default=False,
+        metadata={"help": "sinusoidal encoder positions instead of learned ones (the decoder's are always learned)"},
+    )
     decoder_embed_dim: int = field(default=768, metadata={"help": "decoder embedding dimension"})
     decoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "decoder FFN dimension"})
     decoder_layers: int = field(
@@ -65,13 +69,18 @@ class ElmerNATConfig(FairseqDataclass):
         default=False,
         metadata={"help": "pre-norm decoder layers; a shared final layer norm then precedes every off-ramp"},
     )
-    layernorm_embedding: bool = field(default=True, metadata={"help": "layer norm on the embeddings"})
-    no_scale_embedding: bool = field(
-        default=True, metadata={"help": "do not scale embeddings by sqrt(dim) (BART does not)"}
+    # fairseq turns a bool option into a flag that flips its default, so every bool here
+    # defaults to False and names the departure from BART-base.
+    no_layernorm_embedding: bool = field(default=False, metadata={"help": "no layer norm on the embeddings"})
+    scale_embedding: bool = field(
+        default=False, metadata={"help": "scale embeddings by sqrt(dim) (BART does not)"}
     )
-    share_all_embeddings: bool = field(
-        default=True,
-        metadata={"help": "share encoder, decoder and off-ramp embeddings (needs --joined-dictionary)"},
+    no_share_all_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "separate encoder and decoder embeddings; by default encoder, decoder and the "
+            "off-ramp share one matrix (needs fairseq-preprocess --joined-dictionary)"
+        },
     )
     per_layer_off_ramps: bool = field(
         default=False,
@@ -103,10 +112,17 @@ class ElmerNATConfig(FairseqDataclass):
 
 
 def _transformer_config(cfg) -> TransformerConfig:
-    """fairseq's TransformerConfig from our flat config (DictConfig or Namespace)."""
+    """fairseq's TransformerConfig from our flat config (DictConfig, dataclass or Namespace)."""
     if isinstance(cfg, DictConfig):
-        cfg = argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True))
-    return TransformerConfig.from_namespace(cfg)
+        ns = argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True))
+    else:
+        ns = argparse.Namespace(**vars(cfg))
+    ns.layernorm_embedding = not cfg.no_layernorm_embedding
+    ns.no_scale_embedding = not cfg.scale_embedding
+    ns.share_all_embeddings = not cfg.no_share_all_embeddings
+    ns.encoder_learned_pos = not cfg.sinusoidal_encoder_positions
+    ns.decoder_learned_pos = True
+    return TransformerConfig.from_namespace(ns)
 
 
 def check_config(cfg):
@@ -137,11 +153,14 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
         if MASK_SYMBOL not in tgt_dict:
             raise ValueError(f"the target dictionary has no {MASK_SYMBOL} symbol; use --task nat_early_exit, which adds it")
         tcfg = _transformer_config(cfg)
-        if cfg.share_all_embeddings:
+        if tcfg.share_all_embeddings:
             if src_dict != tgt_dict:
-                raise ValueError("--share-all-embeddings needs a joined dictionary (fairseq-preprocess --joined-dictionary)")
+                raise ValueError(
+                    "shared embeddings need a joined dictionary (fairseq-preprocess --joined-dictionary), "
+                    "or pass --no-share-all-embeddings"
+                )
             if cfg.encoder_embed_dim != cfg.decoder_embed_dim:
-                raise ValueError("--share-all-embeddings needs --encoder-embed-dim equal to --decoder-embed-dim")
+                raise ValueError("shared embeddings need --encoder-embed-dim equal to --decoder-embed-dim")
             enc_emb = dec_emb = nn.Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
         else:
             enc_emb = nn.Embedding(len(src_dict), cfg.encoder_embed_dim, src_dict.pad())
@@ -196,11 +215,11 @@ class ElmerDecoder(FairseqDecoder):
         self.max_target_positions = cfg.max_target_positions
         self.exit_copy_grad = cfg.exit_copy_grad
         self.embed_tokens = embed_tokens
-        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(embed_dim)
+        self.embed_scale = math.sqrt(embed_dim) if cfg.scale_embedding else 1.0
         self.embed_positions = PositionalEmbedding(
             cfg.max_target_positions, embed_dim, self.padding_idx, learned=True
         )
-        self.layernorm_embedding = LayerNorm(embed_dim) if cfg.layernorm_embedding else None
+        self.layernorm_embedding = None if cfg.no_layernorm_embedding else LayerNorm(embed_dim)
         self.dropout_module = FairseqDropout(cfg.dropout, module_name=self.__class__.__name__)
         self.layers = nn.ModuleList(
             [TransformerDecoderLayerBase(tcfg, no_encoder_attn=False) for _ in range(cfg.decoder_layers)]

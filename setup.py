@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="elmer-fairseq",
+    version="0.1.0",
+    description="ELMER (non-autoregressive LM with early exit and layer permutation) as a fairseq plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["elmer_fairseq", "elmer_fairseq.*"]),
+    install_requires=[
+        # provides the `fairseq` package; the 0.12.2 release does not import on Python 3.11
+        "fairseq-fixed==0.12.3.1",
+        # any torch fairseq 0.12 runs on; the Makefile installs 2.13.0 (CPU) only when none is present
+        "torch>=1.13",
+        "numpy",
+        "sentencepiece",
+        "sacremoses",
+        "rouge-score",
+        "sacrebleu>=2.0",
+    ],
+    extras_require={
+        # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
+        "fastbpe": ["fastBPE==0.1.0"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["elmer-score = elmer_fairseq.score:main"]},
+)

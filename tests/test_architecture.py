@@ -1,0 +1,39 @@
+"""elmer_nat has BART-base's shape, so BART-base weights fit."""
+
+import argparse
+
+import torch
+from fairseq.models import ARCH_CONFIG_REGISTRY
+from fairseq.models.bart import BARTModel
+
+from conftest import make_task
+from elmer_fairseq.elmer_nat_model import ElmerNATConfig, ElmerNATModel
+
+
+def test_base_architecture_matches_fairseq_bart_base():
+    words = [f"w{i}" for i in range(500)]
+    task = make_task(words)
+    elmer = ElmerNATModel.build_model(
+        ElmerNATConfig(max_source_positions=1024, max_target_positions=1024), task
+    )
+    args = argparse.Namespace(max_source_positions=1024, max_target_positions=1024)
+    ARCH_CONFIG_REGISTRY["bart_base"](args)
+    bart = BARTModel.build_model(args, task)
+
+    ours = {k: v.shape for k, v in elmer.state_dict().items()}
+    theirs = {k: v.shape for k, v in bart.state_dict().items()}
+    shared = [k for k in theirs if k.startswith("encoder.") or k.startswith("decoder.layers.")
+              or k.startswith("decoder.embed_") or k.startswith("decoder.layernorm_embedding")]
+    assert len(shared) > 100
+    for k in shared:
+        assert ours.get(k) == theirs[k], k
+    # the one off-ramp is BART's output projection, tied to the shared embeddings
+    assert ours["decoder.off_ramps.0.weight"] == theirs["decoder.output_projection.weight"]
+    assert elmer.decoder.off_ramps[0].weight is elmer.encoder.embed_tokens.weight
+    n_ours = sum(p.numel() for p in elmer.parameters())
+    n_bart = sum(p.numel() for p in bart.parameters())
+    assert n_ours == n_bart
+    # post-norm, embedding layer norm, GELU, unscaled embeddings, 6+6 layers
+    assert len(elmer.encoder.layers) == 6 and elmer.num_exit_layers == 6
+    assert elmer.decoder.embed_scale == 1.0 and elmer.decoder.ramp_norm is None
+    assert elmer.decoder.layers[0].normalize_before is False
