@@ -11,8 +11,9 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 """
 
 import torch
+import torch.nn.functional as F
 
-from .exit_policies import EntropyExit, LastLayerExit
+from .exit_policies import EntropyExit, LastLayerExit, SoftExit
 
 
 def cut_at_first_eos(tokens, eos: int, pad: int):
@@ -28,28 +29,60 @@ def cut_at_first_eos(tokens, eos: int, pad: int):
     return first + is_eos.long()
 
 
+def collapse_repeats(tokens, lengths, *aligned):
+    """Drop consecutive duplicate tokens within each row's first ``lengths`` positions.
+
+    Vectorised: kept positions are moved to the front by a stable sort. Tensors
+    in ``aligned`` (same (B, T) shape: scores, exit layers) follow the tokens.
+    Returns (tokens, new lengths, *aligned).
+    """
+    width = tokens.size(1)
+    valid = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
+    prev = F.pad(tokens[:, :-1], (1, 0), value=-1)
+    keep = valid & tokens.ne(prev)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    gathered = [t.gather(1, order) for t in (tokens,) + aligned]
+    return (gathered[0], keep.sum(1)) + tuple(gathered[1:])
+
+
 class EarlyExitGenerator:
-    def __init__(self, tgt_dict, exit_threshold=None, retain_exit_layers=True):
+    """Args:
+        exit_threshold: δ for hard exit; None: the model's own strategy (``--early-exit``),
+            0: every token at the last layer.
+        collapse: remove consecutive duplicate tokens after generation.
+    """
+
+    def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True):
         if exit_threshold is not None and exit_threshold < 0:
             raise ValueError(f"--exit-threshold must be >= 0, got {exit_threshold}")
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
         self.pad = tgt_dict.pad()
         self.exit_threshold = exit_threshold
+        self.collapse = collapse
         self.retain_exit_layers = retain_exit_layers
         # never emitted: they carry no text
         self.banned = sorted({tgt_dict.pad(), tgt_dict.bos(), tgt_dict.index("<mask>")})
 
-    def make_policy(self):
-        if self.exit_threshold:
-            return EntropyExit(self.exit_threshold, banned=self.banned)
+    def make_policy(self, model):
+        """The exit rule: --exit-threshold if given, else the checkpoint's --early-exit strategy."""
+        strategy = model.cfg.early_exit
+        if strategy == "soft":
+            if self.exit_threshold:
+                raise ValueError("--exit-threshold does not apply to a model trained with --early-exit soft")
+            return SoftExit(banned=self.banned)
+        threshold = self.exit_threshold
+        if threshold is None and strategy == "hard":
+            threshold = model.cfg.model_exit_threshold
+        if threshold:
+            return EntropyExit(threshold, banned=self.banned)
         return LastLayerExit()
 
     @torch.no_grad()
     def decode(self, model, src_tokens, src_lengths):
         """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
         canvas = model.initialize_canvas(src_lengths)
-        policy = self.make_policy()
+        policy = self.make_policy(model)
         states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
         exit_layers = extra["exit_layers"]
         if isinstance(policy, EntropyExit):
@@ -73,6 +106,8 @@ class EarlyExitGenerator:
         net_input = sample["net_input"]
         tokens, scores, exit_layers = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])
         lengths = cut_at_first_eos(tokens, self.eos, self.pad)
+        if self.collapse:
+            tokens, lengths, scores, exit_layers = collapse_repeats(tokens, lengths, scores, exit_layers)
         # one host sync for the lengths; slicing below is not a sync
         hyp_lengths = lengths.tolist()
         scores = scores.float()

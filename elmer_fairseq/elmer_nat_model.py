@@ -36,6 +36,7 @@ from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
 logger = logging.getLogger(__name__)
 
 MASK_SYMBOL = "<mask>"
+EARLY_EXIT_CHOICES = ("lplm", "hard", "soft")
 
 
 @dataclass
@@ -93,6 +94,30 @@ class ElmerNATConfig(FairseqDataclass):
             "(the released ELMER code detaches it; default: detached)"
         },
     )
+    early_exit: ChoiceEnum(EARLY_EXIT_CHOICES) = field(
+        default="lplm",
+        metadata={
+            "help": "exit strategy, in training and generation: lplm (random exit layers in training, Eq. 9; "
+            "the last layer at generation unless --exit-threshold), hard (entropy below --model-exit-threshold, "
+            "Eq. 10), soft (argmax embedding fed to the next layer, Eq. 11-12; the last layer is read)"
+        },
+    )
+    model_exit_threshold: float = field(
+        default=0.5,
+        metadata={"help": "hard early exit: the entropy threshold δ (natural log) in training and, by default, generation"},
+    )
+    hard_all_layer_loss: bool = field(
+        default=False,
+        metadata={"help": "hard early exit: add the mean loss of every layer (deep supervision) to the exit-layer loss"},
+    )
+    soft_gold_prob: float = field(
+        default=0.3,
+        metadata={"help": "soft early exit: in training, the probability that a position feeds the gold token's embedding"},
+    )
+    per_layer_soft_mix: bool = field(
+        default=False,
+        metadata={"help": "soft early exit: one W (2d -> d, Eq. 12) per layer instead of one shared"},
+    )
     canvas_len_a: float = field(
         default=1.0, metadata={"help": "canvas length T = floor(a * source length + b): the a"}
     )
@@ -129,6 +154,10 @@ def check_config(cfg):
     """Reject nonsense options at start, naming the flag."""
     if cfg.decoder_layers < 1:
         raise ValueError(f"--decoder-layers must be >= 1, got {cfg.decoder_layers}")
+    if cfg.model_exit_threshold < 0:
+        raise ValueError(f"--model-exit-threshold must be >= 0, got {cfg.model_exit_threshold}")
+    if not 0.0 <= cfg.soft_gold_prob <= 1.0:
+        raise ValueError(f"--soft-gold-prob must lie in [0, 1], got {cfg.soft_gold_prob}")
     if cfg.canvas_len_a < 0:
         raise ValueError(f"--canvas-len-a must be >= 0, got {cfg.canvas_len_a}")
     if math.floor(cfg.canvas_len_b + cfg.canvas_len_a) < 1:
@@ -171,6 +200,15 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
         encoder = TransformerEncoderBase(tcfg, src_dict, enc_emb)
         decoder = ElmerDecoder(cfg, tcfg, tgt_dict, dec_emb)
         return cls(cfg, encoder, decoder)
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Fine-tuning an lplm/hard checkpoint with --early-exit soft: the new W starts from its init."""
+        own = self.state_dict()
+        added = [k for k in own if k.startswith("decoder.soft_mixers.") and k not in state_dict]
+        if added:
+            state_dict = dict(state_dict, **{k: own[k] for k in added})
+            logger.info(f"checkpoint has no soft-exit W; initialised {len(added)} tensor(s) fresh")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @property
     def num_exit_layers(self) -> int:
@@ -234,6 +272,12 @@ class ElmerDecoder(FairseqDecoder):
             nn.init.normal_(ramp.weight, mean=0, std=embed_dim**-0.5)
         # the (last) off-ramp is the embedding matrix, as in BART and the released ELMER
         self.off_ramps[-1].weight = self.embed_tokens.weight
+        self.soft_mixers = None
+        if cfg.early_exit == "soft" and cfg.decoder_layers > 1:
+            num_mix = cfg.decoder_layers - 1 if cfg.per_layer_soft_mix else 1
+            self.soft_mixers = nn.ModuleList([nn.Linear(2 * embed_dim, embed_dim, bias=False) for _ in range(num_mix)])
+            for mix in self.soft_mixers:
+                init_soft_mix(mix.weight, embed_dim)
 
     def max_positions(self):
         return self.max_target_positions
@@ -254,6 +298,12 @@ class ElmerDecoder(FairseqDecoder):
 
     def off_ramp_log_probs(self, states, layer: int):
         return F.log_softmax(self.off_ramp(states, layer).float(), dim=-1)
+
+    def soft_mix(self, tokens, states, layer: int):
+        """Eq. 12: h~ = W [Embed(ŷ); h] for the states of layer ``layer``, any leading shape."""
+        emb = self.embed_scale * self.embed_tokens(tokens)
+        mix = self.soft_mixers[layer - 1] if len(self.soft_mixers) > 1 else self.soft_mixers[0]
+        return mix(torch.cat([emb, states], dim=-1))
 
     def project(self, states, layers):
         """Logits of states (N, C) each at its own exit layer ``layers`` (N,), in 1..L.
@@ -305,10 +355,19 @@ class ElmerDecoder(FairseqDecoder):
             x = torch.where(done[..., None], carried, y)
             if return_all_hiddens:
                 inner_states.append(x)
-            if policy.may_stop_early and layer < last and bool(done.all()):
-                break
+            if layer < last:
+                if policy.may_stop_early and bool(done.all()):
+                    break
+                x = policy.transform(layer, x, self)
         extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "policy": policy}
         return exit_state.transpose(0, 1), extra
+
+
+def init_soft_mix(weight, dim):
+    """W = [W_e | I]: starts as the identity on h plus a small embedding term."""
+    with torch.no_grad():
+        nn.init.normal_(weight[:, :dim], mean=0, std=0.02)
+        weight[:, dim:].copy_(torch.eye(dim))
 
 
 @register_model_architecture("elmer_nat", "elmer_nat_tiny")

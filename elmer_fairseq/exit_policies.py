@@ -2,7 +2,8 @@
 
 The decoder (``ElmerDecoder.forward``) runs its layers and, after each layer
 ``l``, asks the policy which of the still-active tokens exit there. A token
-that exits at ``l`` keeps ``h^l`` in every upper layer (paper §4.1). The
+that exits at ``l`` keeps ``h^l`` in every upper layer (paper §4.1). Before
+the next layer the policy may also rewrite the states (soft exit). The
 policies are:
 
 - ``AssignedExit``: exit layers given in advance; LPLM draws them uniformly
@@ -10,6 +11,9 @@ policies are:
 - ``LastLayerExit``: every token exits at the last layer (plain NAR decoding).
 - ``EntropyExit``: hard early exit; a token exits at the first layer whose
   off-ramp entropy (natural log) is below the threshold δ (Eq. 10).
+- ``SoftExit``: soft early exit; after every layer but the last, the argmax
+  of the off-ramp is embedded and mixed into the state, h~ = W[Embed(ŷ); h]
+  (Eq. 11-12); every token is read at the last layer.
 
 Masks are laid out (T, B) like the decoder's hidden states.
 """
@@ -41,6 +45,10 @@ class ExitPolicy:
     def record(self, layer: int, states, now, decoder):
         """Hook for policies that keep the predictions made at the exit layer."""
 
+    def transform(self, layer: int, states, decoder):
+        """The states that feed layer ``layer + 1``; unchanged by default."""
+        return states
+
 
 class LastLayerExit(ExitPolicy):
     def exit_now(self, layer, states, decoder):
@@ -67,31 +75,38 @@ class AssignedExit(ExitPolicy):
 class EntropyExit(ExitPolicy):
     """Hard early exit (Eq. 10): exit where the off-ramp entropy is below ``threshold``.
 
-    Keeps the argmax token and its log-probability at each token's exit layer,
-    so the generator does not project the states a second time. ``banned``
-    token ids (``<pad>``, ``<s>``, ``<mask>``) are never predicted; the
-    entropy is that of the full off-ramp distribution.
+    The decision takes no gradient. With ``keep_predictions`` (generation) it
+    keeps the argmax token and its log-probability at each token's exit
+    layer, so the generator does not project the states a second time;
+    ``banned`` token ids (``<pad>``, ``<s>``, ``<mask>``) are never predicted.
+    The entropy is that of the full off-ramp distribution.
     """
 
     may_stop_early = True
 
-    def __init__(self, threshold: float, banned=()):
+    def __init__(self, threshold: float, banned=(), keep_predictions=True):
         if threshold < 0:
             raise ValueError(f"--exit-threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self.banned = list(banned)
+        self.keep_predictions = keep_predictions
         self.tokens = None
         self.scores = None
         self._lprobs = None
 
     def exit_now(self, layer, states, decoder):
-        self._lprobs = decoder.off_ramp_log_probs(states, layer)
-        entropy = -(self._lprobs.exp() * self._lprobs).sum(-1)
+        with torch.no_grad():
+            self._lprobs = decoder.off_ramp_log_probs(states, layer)
+            entropy = -(self._lprobs.exp() * self._lprobs).sum(-1)
         return entropy < self.threshold
 
     def record(self, layer, states, now, decoder):
-        lprobs = self._lprobs if self._lprobs is not None else decoder.off_ramp_log_probs(states, layer)
-        self._lprobs = None
+        lprobs, self._lprobs = self._lprobs, None
+        if not self.keep_predictions:
+            return
+        if lprobs is None:  # the last layer: no exit test ran there
+            with torch.no_grad():
+                lprobs = decoder.off_ramp_log_probs(states, layer)
         if self.banned:
             lprobs = lprobs.index_fill(-1, lprobs.new_tensor(self.banned, dtype=torch.long), float("-inf"))
         scores, tokens = lprobs.max(-1)
@@ -100,3 +115,41 @@ class EntropyExit(ExitPolicy):
         else:
             self.tokens = torch.where(now, tokens, self.tokens)
             self.scores = torch.where(now, scores, self.scores)
+
+
+class SoftExit(LastLayerExit):
+    """Soft early exit (Eq. 11-12), read at the last layer.
+
+    After layer l < L: ŷ = argmax off-ramp^l(h^l); h~ = W_l [Embed(ŷ); h^l]
+    feeds layer l + 1 (no gradient through the argmax). In training, each
+    position that has a reference token (``gold_mask``) takes the gold
+    token's embedding instead with probability ``gold_prob`` (the released
+    code uses 0.3). With ``keep_logits`` the
+    off-ramp logits of layers 1..L-1 are kept, (B, T, V) each, for the loss.
+    """
+
+    def __init__(self, gold=None, gold_mask=None, gold_prob: float = 0.0, keep_logits=False, banned=()):
+        if not 0.0 <= gold_prob <= 1.0:
+            raise ValueError(f"--soft-gold-prob must lie in [0, 1], got {gold_prob}")
+        self.gold = gold.t() if gold is not None else None
+        self.gold_mask = gold_mask.t() if gold_mask is not None else None
+        self.gold_prob = gold_prob
+        self.keep_logits = keep_logits
+        self.banned = list(banned)
+        self.layer_logits = []
+
+    def transform(self, layer, states, decoder):
+        logits = decoder.off_ramp(states, layer)
+        if self.keep_logits:
+            self.layer_logits.append(logits.transpose(0, 1))
+        with torch.no_grad():
+            choice = logits
+            if self.banned:
+                choice = logits.index_fill(-1, logits.new_tensor(self.banned, dtype=torch.long), float("-inf"))
+            tokens = choice.argmax(-1)
+            if self.gold is not None and self.gold_prob > 0:
+                use_gold = torch.rand(tokens.shape, device=tokens.device) < self.gold_prob
+                if self.gold_mask is not None:  # only where a reference token exists
+                    use_gold &= self.gold_mask
+                tokens = torch.where(use_gold, self.gold, tokens)
+        return decoder.soft_mix(tokens, states, layer)

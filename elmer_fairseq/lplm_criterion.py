@@ -17,6 +17,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
+from .exit_policies import EntropyExit, SoftExit
 
 
 @dataclass
@@ -48,7 +49,10 @@ class LPLMCriterion(FairseqCriterion):
         self.eps = label_smoothing
 
     def forward(self, model, sample, reduce=True, exit_layers=None):
-        """Loss of one batch; ``exit_layers`` (k*B, T) overrides the random draw (for tests)."""
+        """Loss of one batch under the model's --early-exit strategy.
+
+        ``exit_layers`` (k*B, T) overrides LPLM's random draw (for tests).
+        """
         src_tokens = sample["net_input"]["src_tokens"]
         src_lengths = sample["net_input"]["src_lengths"]
         canvas = model.initialize_canvas(src_lengths)
@@ -56,6 +60,37 @@ class LPLMCriterion(FairseqCriterion):
         targets, mask, n_long = align_targets(
             sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
         )
+        strategy = model.cfg.early_exit
+        if exit_layers is not None or strategy == "lplm":
+            loss, nll_loss, layer_sum, k = self._lplm(model, src_tokens, src_lengths, canvas, targets, mask, exit_layers)
+        elif self.k != 1:
+            raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy}")
+        elif strategy == "hard":
+            loss, nll_loss, layer_sum = self._hard(model, src_tokens, src_lengths, canvas, targets, mask)
+            k = 1
+        else:
+            loss, nll_loss, layer_sum = self._soft(model, src_tokens, src_lengths, canvas, targets, mask)
+            k = 1
+
+        sample_size = mask.sum()
+        logging_output = {
+            "loss": loss.data / k,
+            "nll_loss": nll_loss.data / k,
+            "ntokens": sample["ntokens"],
+            "nsentences": src_tokens.size(0),
+            "sample_size": sample_size,
+            "exit_layer_sum": layer_sum / k,
+            "long_targets": n_long,
+        }
+        return loss / k, sample_size, logging_output
+
+    def _nll(self, logits, target):
+        lprobs = utils.log_softmax(logits, dim=-1)
+        return label_smoothed_nll_loss(lprobs, target, self.eps, reduce=True)
+
+    def _lplm(self, model, src_tokens, src_lengths, canvas, targets, mask, exit_layers):
+        """Eq. 9 for k exit-layer draws per sequence, in one batch; the loss is summed over the k."""
+        pad = self.task.target_dictionary.pad()
         k = self.k
         if exit_layers is None:
             # validation draws the same exit layers every time, so its loss is comparable across epochs
@@ -70,24 +105,44 @@ class LPLMCriterion(FairseqCriterion):
             targets = targets.repeat_interleave(k, dim=0)
             mask = mask.repeat_interleave(k, dim=0)
         exit_layers = exit_layers.masked_fill(canvas.eq(pad), 1)  # padding runs no extra layer
-
         states, _ = model(src_tokens, src_lengths, canvas, exit_layers=exit_layers)
         layers = exit_layers[mask]
-        logits = model.decoder.project(states[mask], layers)
-        lprobs = utils.log_softmax(logits, dim=-1)
-        loss, nll_loss = label_smoothed_nll_loss(lprobs, targets[mask], self.eps, reduce=reduce)
+        loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
+        return loss, nll_loss, layers.sum().data, k
 
-        sample_size = mask.sum() // k
-        logging_output = {
-            "loss": loss.data / k,
-            "nll_loss": nll_loss.data / k,
-            "ntokens": sample["ntokens"],
-            "nsentences": src_tokens.size(0),
-            "sample_size": sample_size,
-            "exit_layer_sum": layers.sum().data / k,
-            "long_targets": n_long,
-        }
-        return loss / k, sample_size, logging_output
+    def _hard(self, model, src_tokens, src_lengths, canvas, targets, mask):
+        """Hard early exit (Eq. 10) as at inference: each token's exit layer is the first whose
+        off-ramp entropy is below δ (no gradient through the decision); the loss is taken there.
+        With --hard-all-layer-loss, the mean loss over the layers that ran is added."""
+        policy = EntropyExit(model.cfg.model_exit_threshold, keep_predictions=False)
+        all_layers = model.cfg.hard_all_layer_loss
+        states, extra = model(src_tokens, src_lengths, canvas, policy=policy, return_all_hiddens=all_layers)
+        layers = extra["exit_layers"][mask]
+        loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
+        if all_layers:
+            per_layer = extra["inner_states"][1:]
+            for layer, h in enumerate(per_layer, start=1):
+                l_loss, _ = self._nll(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer), targets[mask])
+                loss = loss + l_loss / len(per_layer)
+        return loss, nll_loss, layers.sum().data
+
+    def _soft(self, model, src_tokens, src_lengths, canvas, targets, mask):
+        """Soft early exit (Eq. 11-12): cross-entropy at every layer, averaged over layers;
+        nll_loss reports the last layer, which generation reads."""
+        policy = SoftExit(
+            gold=targets,
+            gold_mask=mask,
+            gold_prob=model.cfg.soft_gold_prob if model.training else 0.0,
+            keep_logits=True,
+        )
+        states, _ = model(src_tokens, src_lengths, canvas, policy=policy)
+        L = model.num_exit_layers
+        loss, nll_loss = self._nll(model.decoder.off_ramp(states[mask], L), targets[mask])
+        loss = loss / L
+        for logits in policy.layer_logits:
+            l_loss, _ = self._nll(logits[mask], targets[mask])
+            loss = loss + l_loss / L
+        return loss, nll_loss, (mask.sum() * L).data
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

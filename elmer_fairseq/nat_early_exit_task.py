@@ -6,7 +6,10 @@ returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
 ``fairseq-interactive`` work with no extra flags.
 """
 
+import atexit
+import collections
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +29,18 @@ class NATEarlyExitConfig(TranslationConfig):
         default=None,
         metadata={
             "help": "hard early exit at generation (Eq. 10): a token exits at the first decoder layer whose "
-            "off-ramp entropy (natural log) is below this threshold; unset or 0: every token exits at the last layer"
+            "off-ramp entropy (natural log) is below this threshold; 0: every token exits at the last layer; "
+            "unset: the checkpoint's --early-exit strategy (hard: its --model-exit-threshold)"
+        },
+    )
+    collapse_repeats: bool = field(
+        default=False, metadata={"help": "remove consecutive duplicate tokens from generated hypotheses"}
+    )
+    print_exit_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "fairseq-generate/-interactive: print each hypothesis token's exit layer (E- lines) "
+            "and, at the end, the fraction of tokens exiting at each layer and the mean exit layer"
         },
     )
 
@@ -81,4 +95,46 @@ class NATEarlyExitTask(TranslationTask):
         return super().get_batch_iterator(dataset, **kwargs)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
-        return EarlyExitGenerator(self.target_dictionary, exit_threshold=self.cfg.exit_threshold)
+        return EarlyExitGenerator(
+            self.target_dictionary,
+            exit_threshold=self.cfg.exit_threshold,
+            collapse=self.cfg.collapse_repeats,
+        )
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
+        if self.cfg.print_exit_layers:
+            self._exit_report.add(sample["id"].tolist(), hypos)
+        return hypos
+
+    @property
+    def _exit_report(self):
+        if getattr(self, "_report", None) is None:
+            self._report = ExitLayerReport()
+            atexit.register(self._report.print_summary)
+        return self._report
+
+
+class ExitLayerReport:
+    """E- lines per hypothesis and a closing histogram of exit layers (to stdout)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self.counts = collections.Counter()
+
+    def add(self, ids, hypos):
+        for sample_id, nbest in zip(ids, hypos):
+            layers = nbest[0]["exit_layers"].tolist()
+            self.counts.update(layers)
+            print(f"E-{sample_id}\t" + " ".join(map(str, layers)), file=self.stream or sys.stdout)
+
+    def summary(self):
+        total = sum(self.counts.values())
+        if not total:
+            return "Exit layers: no tokens"
+        fractions = " ".join(f"L{k}={v / total:.3f}" for k, v in sorted(self.counts.items()))
+        mean = sum(k * v for k, v in self.counts.items()) / total
+        return f"Exit layers: {fractions} | mean {mean:.3f} | tokens {total}"
+
+    def print_summary(self):
+        print(self.summary(), file=self.stream or sys.stdout, flush=True)

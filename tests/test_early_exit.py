@@ -1,0 +1,235 @@
+"""Hard (Eq. 10) and soft (Eq. 11-12) early exit against naive references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import encode, make_model, make_sample
+from elmer_fairseq.early_exit_generator import EarlyExitGenerator, collapse_repeats
+from elmer_fairseq.exit_policies import EntropyExit, SoftExit
+from elmer_fairseq.lplm_criterion import LPLMCriterion
+from elmer_fairseq.nat_early_exit_task import ExitLayerReport
+
+SOURCES = ["the cat sat on the mat", "a dog ran", "big red dog"]
+TARGETS = ["cat sat", "dog ran fast under the tree", "red"]
+
+
+def run_layer(dec, enc, idx, x, pad):
+    y, _, _ = dec.layers[idx](x, enc["encoder_out"][0], enc["encoder_padding_mask"][0], self_attn_padding_mask=pad)
+    return y
+
+
+# ---------------------------------------------------------------- hard exit
+
+
+def naive_entropy_exit_layers(model, src, src_len, canvas, threshold):
+    """Per-token loop: exit at the first layer whose off-ramp entropy < threshold; copy above."""
+    dec = model.decoder
+    enc = model.encoder(src, src_lengths=src_len)
+    x = dec.embed(canvas)
+    pad = canvas.eq(dec.padding_idx)
+    L = len(dec.layers)
+    exit_layer = {}
+    saved = {}
+    for idx in range(L):
+        y = run_layer(dec, enc, idx, x, pad).clone()
+        for b in range(canvas.size(0)):
+            for t in range(canvas.size(1)):
+                if pad[b, t]:
+                    continue
+                if (b, t) in exit_layer:
+                    y[t, b] = saved[b, t]
+                    continue
+                p = F.softmax(dec.off_ramp(y[t, b], idx + 1).double(), -1)
+                entropy = -(p * p.log()).sum()
+                if entropy < threshold or idx == L - 1:
+                    exit_layer[b, t] = idx + 1
+                    saved[b, t] = y[t, b].clone()
+        x = y
+    return exit_layer
+
+
+def entropy_quantiles(model, src, src_len, canvas):
+    """Thresholds that let some, not all, tokens exit at layer 1."""
+    _, extra = model(src, src_len, canvas, return_all_hiddens=True)
+    lp = model.decoder.off_ramp_log_probs(extra["inner_states"][1], 1)
+    entropy = (-(lp.exp() * lp).sum(-1).t()[canvas.ne(model.decoder.padding_idx)]).sort().values
+    # midpoints between neighbouring entropies: no token sits on the threshold
+    picks = [int(q * (len(entropy) - 1)) for q in (0.3, 0.5, 0.7)]
+    return [float(entropy[i] + entropy[i + 1]) / 2 for i in picks]
+
+
+def test_hard_exit_layers_match_naive_loop(task):
+    model = make_model(task, decoder_layers=4)
+    src, src_len = encode(task, SOURCES)
+    canvas = model.initialize_canvas(src_len)
+    for threshold in entropy_quantiles(model, src, src_len, canvas):
+        _, extra = model(src, src_len, canvas, policy=EntropyExit(threshold))
+        naive = naive_entropy_exit_layers(model, src, src_len, canvas, threshold)
+        got = {(b, t): int(extra["exit_layers"][b, t]) for (b, t) in naive}
+        assert got == naive
+        assert len(set(naive.values())) > 1  # the thresholds really split the tokens
+
+
+def test_hard_exit_states_bit_identical_above_exit(task):
+    model = make_model(task)
+    src, src_len = encode(task, SOURCES)
+    canvas = model.initialize_canvas(src_len)
+    threshold = entropy_quantiles(model, src, src_len, canvas)[1]
+
+    class NoStop(EntropyExit):
+        may_stop_early = False
+
+    states, extra = model(src, src_len, canvas, policy=NoStop(threshold), return_all_hiddens=True)
+    inner = extra["inner_states"]
+    layers = extra["exit_layers"]
+    for b, t in layers.nonzero().tolist():
+        e = int(layers[b, t])
+        for level in range(e, len(inner)):
+            assert torch.equal(inner[level][t, b], inner[e][t, b])
+        assert torch.equal(states[b, t], inner[e][t, b])
+
+
+def test_early_stop_gives_the_same_output_as_all_layers(task, monkeypatch):
+    model = make_model(task)
+    sample = make_sample(task, SOURCES, TARGETS)
+    src, src_len = encode(task, SOURCES)
+    canvas = model.initialize_canvas(src_len)
+    threshold = entropy_quantiles(model, src, src_len, canvas)[2]
+    gen = EarlyExitGenerator(task.target_dictionary, exit_threshold=threshold)
+    stopped = gen.generate([model], sample)
+    monkeypatch.setattr(EntropyExit, "may_stop_early", False)
+    full = gen.generate([model], sample)
+    for a, b in zip(stopped, full):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
+        assert torch.equal(a[0]["positional_scores"], b[0]["positional_scores"])
+        assert torch.equal(a[0]["exit_layers"], b[0]["exit_layers"])
+
+
+def test_hard_training_loss_at_the_rule_exit_layers(task):
+    model = make_model(task, early_exit="hard", model_exit_threshold=1e9, canvas_len_a=0.0, canvas_len_b=8)
+    sample = make_sample(task, SOURCES, TARGETS)
+    loss, size, log = LPLMCriterion(task)(model, sample)
+    # a huge δ: every token exits at layer 1, so the loss is the layer-1 off-ramp's NLL
+    ones = torch.ones_like(model.initialize_canvas(sample["net_input"]["src_lengths"]))
+    ref, _, _ = LPLMCriterion(task)(make_model(task, canvas_len_a=0.0, canvas_len_b=8), sample, exit_layers=ones)
+    assert math.isclose(loss.item(), ref.item(), rel_tol=1e-6)
+    assert log["exit_layer_sum"] == size
+
+
+# ---------------------------------------------------------------- soft exit
+
+
+def test_soft_next_layer_receives_w_of_embedding_and_state(task, monkeypatch):
+    model = make_model(task, early_exit="soft")
+    dec = model.decoder
+    d = task.target_dictionary
+    forced = d.index("dog")
+
+    def rigged(states, layer):  # the off-ramp's argmax is "dog" everywhere
+        logits = torch.zeros(states.shape[:-1] + (len(d),))
+        logits[..., forced] = 5.0
+        return logits
+
+    monkeypatch.setattr(dec, "off_ramp", rigged)
+    seen = {}
+    dec.layers[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out1", o[0].detach().clone()))
+    dec.layers[1].register_forward_pre_hook(lambda m, i: seen.__setitem__("in2", i[0].detach().clone()))
+    src, src_len = encode(task, SOURCES)
+    canvas = model.initialize_canvas(src_len)
+    model(src, src_len, canvas, policy=SoftExit())
+    h = seen["out1"]
+    emb = dec.embed_scale * dec.embed_tokens.weight[forced].expand_as(h)
+    expected = torch.cat([emb, h], -1) @ dec.soft_mixers[0].weight.t()
+    real = canvas.ne(dec.padding_idx).t()  # padding positions carry no state
+    torch.testing.assert_close(seen["in2"][real], expected[real], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_soft_gold_mixing(task, prob):
+    model = make_model(task, early_exit="soft")
+    dec = model.decoder
+    T, B, C = 5, 2, 16
+    states = torch.randn(T, B, C)
+    gold = torch.randint(4, 10, (B, T))
+    gold_mask = torch.ones(B, T, dtype=torch.bool)
+    gold_mask[1, 3:] = False  # no reference there: always the prediction
+    out = SoftExit(gold=gold, gold_mask=gold_mask, gold_prob=prob).transform(1, states, dec)
+    predicted = dec.off_ramp(states, 1).argmax(-1)
+    used = torch.where(gold_mask.t() & (prob == 1.0), gold.t(), predicted)
+    torch.testing.assert_close(out, dec.soft_mix(used, states, 1), rtol=0, atol=0)
+
+
+def naive_soft_loss(model, sample, targets, mask):
+    """Layer by layer: CE of every layer's off-ramp on each target token, mean over layers."""
+    dec = model.decoder
+    src, src_len = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    canvas = model.initialize_canvas(src_len)
+    enc = model.encoder(src, src_lengths=src_len)
+    x = dec.embed(canvas)
+    pad = canvas.eq(dec.padding_idx)
+    L = len(dec.layers)
+    total = 0.0
+    for idx in range(L):
+        y = run_layer(dec, enc, idx, x, pad)
+        for b, t in mask.nonzero().tolist():
+            lp = F.log_softmax(dec.off_ramp(y[t, b], idx + 1).double(), -1)
+            total += -lp[targets[b, t]] / L
+        if idx < L - 1:
+            x = dec.soft_mix(dec.off_ramp(y, idx + 1).argmax(-1), y, idx + 1)
+    return total
+
+
+def test_soft_loss_equals_naive_per_layer_reference(task):
+    from elmer_fairseq.canvas import align_targets
+
+    model = make_model(task, early_exit="soft", canvas_len_a=0.0, canvas_len_b=8)
+    sample = make_sample(task, SOURCES, TARGETS)
+    d = task.target_dictionary
+    canvas = model.initialize_canvas(sample["net_input"]["src_lengths"])
+    targets, mask, _ = align_targets(sample["target"], canvas, d.pad(), d.eos(), "ignore", "truncate")
+    loss, size, log = LPLMCriterion(task)(model, sample)  # eval mode: no gold mixing
+    assert math.isclose(loss.item(), naive_soft_loss(model, sample, targets, mask).item(), rel_tol=1e-5)
+    assert log["exit_layer_sum"] == size * model.num_exit_layers
+
+
+def test_soft_model_loads_an_lplm_checkpoint(task):
+    lplm = make_model(task)
+    soft = make_model(task, early_exit="soft", seed=5)
+    soft.load_state_dict(lplm.state_dict())
+    assert torch.equal(soft.decoder.layers[0].fc1.weight, lplm.decoder.layers[0].fc1.weight)
+
+
+def test_soft_generation_rejects_a_threshold(task):
+    model = make_model(task, early_exit="soft")
+    sample = make_sample(task, SOURCES, TARGETS)
+    with pytest.raises(ValueError, match="--exit-threshold"):
+        EarlyExitGenerator(task.target_dictionary, exit_threshold=0.5).generate([model], sample)
+
+
+# ---------------------------------------------------------------- repeats, reporting
+
+
+def test_collapse_repeats_matches_naive_loop():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 7, (50, 8), generator=gen)
+    lengths = torch.randint(0, 9, (50,), generator=gen)
+    scores = torch.randn(50, 8, generator=gen)
+    out, new_len, out_scores = collapse_repeats(tokens, lengths, scores)
+    for i in range(50):
+        row, kept_scores = [], []
+        for t in range(int(lengths[i])):
+            if not row or tokens[i, t] != tokens[i, t - 1]:
+                row.append(int(tokens[i, t]))
+                kept_scores.append(float(scores[i, t]))
+        assert out[i, : new_len[i]].tolist() == row
+        assert out_scores[i, : new_len[i]].tolist() == pytest.approx(kept_scores)
+
+
+def test_exit_layer_report(capsys):
+    report = ExitLayerReport()
+    report.add([7, 3], [[{"exit_layers": torch.tensor([1, 1, 3])}], [{"exit_layers": torch.tensor([2])}]])
+    assert capsys.readouterr().out.splitlines() == ["E-7\t1 1 3", "E-3\t2"]
+    assert report.summary() == "Exit layers: L1=0.500 L2=0.250 L3=0.250 | mean 1.750 | tokens 4"
