@@ -22,7 +22,7 @@ setup(
     extras_require={
         # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
         "fastbpe": ["fastBPE==0.1.0"],
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],
     },
     entry_points={"console_scripts": ["elmer-score = elmer_fairseq.score:main"]},
 )

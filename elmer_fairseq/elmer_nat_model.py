@@ -11,7 +11,7 @@ layer, where it remains a key/value for the tokens still running.
 import argparse
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerEncoderBase
 from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq.utils import safe_getattr
-from omegaconf import II, DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf, open_dict
 
 from .canvas import LONG_TARGET_CHOICES, POST_EOS_CHOICES, canvas_lengths, make_canvas
 from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
@@ -150,6 +150,21 @@ def _transformer_config(cfg) -> TransformerConfig:
     return TransformerConfig.from_namespace(ns)
 
 
+def fill_defaults(cfg):
+    """Add options a checkpoint predates, with their defaults (logged), so older checkpoints load."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    added = []
+    with open_dict(cfg):
+        for fld in fields(ElmerNATConfig):
+            if fld.name not in cfg and fld.default is not MISSING and not str(fld.default).startswith("${"):
+                cfg[fld.name] = fld.default
+                added.append(f"{fld.name}={fld.default}")
+    if added:
+        logger.info("model options absent from the checkpoint, set to their defaults: " + ", ".join(added))
+    return cfg
+
+
 def check_config(cfg):
     """Reject nonsense options at start, naming the flag."""
     if cfg.decoder_layers < 1:
@@ -177,6 +192,7 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
 
     @classmethod
     def build_model(cls, cfg, task):
+        cfg = fill_defaults(cfg)
         check_config(cfg)
         src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
         if MASK_SYMBOL not in tgt_dict:

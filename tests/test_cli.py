@@ -125,3 +125,48 @@ def test_generate_refuses_a_code_payload_checkpoint(trained, tmp_path):
     assert proc.returncode != 0
     assert "Weights only load failed" in proc.stderr
     assert not marker.exists()
+
+
+def generate_args(dest, ckpt, *extra):
+    return [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(ckpt), "--gen-subset", "test", "--cpu", "--batch-size", "4", *extra,
+    ]
+
+
+def test_print_exit_layers_and_plot(trained, tmp_path):
+    tmp, dest, ckpt, _ = trained
+    logs = []
+    for delta in ("0", "100"):
+        out = ok(run("fairseq_cli.generate", generate_args(dest, ckpt / "checkpoint_last.pt",
+                                                           "--exit-threshold", delta, "--print-exit-layers")))
+        e_lines = re.findall(r"^E-(\d+)\t(.*)$", out, re.M)
+        h_lines = dict(re.findall(r"^H-(\d+)\t\S+\t(.*)$", out, re.M))
+        assert len(e_lines) == 6
+        for idx, layers in e_lines:  # one exit layer per hypothesis token (+ </s> when emitted)
+            assert len(layers.split()) - len(h_lines[idx].split()) in (0, 1)
+        expected = "3" if delta == "0" else "1"  # δ = 0: the last of 3 layers; huge δ: layer 1
+        assert {x for _, layers in e_lines for x in layers.split()} == {expected}
+        assert re.search(rf"Exit layers: L{expected}=1.000 \| mean {expected}.000", out)
+        log = tmp_path / f"gen{delta}.txt"
+        log.write_text(out, encoding="utf-8")
+        logs += ["--log", f"{delta}={log}"]
+    png = tmp_path / "exits.png"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "plot_exit_layers.py"), *logs,
+                           "--out", str(png)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("strategy", ["hard", "soft"])
+def test_train_and_generate_with_early_exit_strategy(data_bin, strategy):
+    tmp, dest = data_bin
+    ckpt = tmp / f"ckpt-{strategy}"
+    out = ok(run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + [
+        "--early-exit", strategy, "--hard-all-layer-loss", "--max-update", "3", "--save-dir", str(ckpt)]))
+    assert "num_updates 3" in out
+    out = ok(run("fairseq_cli.generate", generate_args(dest, ckpt / "checkpoint_last.pt", "--print-exit-layers",
+                                                       "--collapse-repeats")))
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
+    if strategy == "soft":  # soft exit reads every token at the last layer
+        assert "Exit layers: L3=1.000" in out
