@@ -34,6 +34,13 @@ def ok(proc):
     return proc.stdout + proc.stderr
 
 
+def generate_args(dest, ckpt, *extra):
+    return [
+        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+        "--path", str(ckpt), "--gen-subset", "test", "--cpu", "--batch-size", "4", *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
     raw = os.path.join(REPO, "data-bin", "sample-raw")
@@ -79,10 +86,7 @@ def test_resume_loads_checkpoint_last(trained):
 
 def test_generate_prints_hypotheses_and_bleu(trained):
     tmp, dest, ckpt, _ = trained
-    out = ok(run("fairseq_cli.generate", [
-        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
-        "--path", str(ckpt / "checkpoint_last.pt"), "--gen-subset", "test", "--cpu", "--batch-size", "4",
-    ]))
+    out = ok(run("fairseq_cli.generate", generate_args(dest, ckpt / "checkpoint_last.pt")))
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
     assert len(re.findall(r"^P-\d+\t", out, re.M)) == 6
     assert "BLEU4" in out
@@ -90,10 +94,7 @@ def test_generate_prints_hypotheses_and_bleu(trained):
 
 def test_generate_with_hard_exit_threshold(trained):
     tmp, dest, ckpt, _ = trained
-    out = ok(run("fairseq_cli.generate", [
-        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
-        "--path", str(ckpt / "checkpoint_last.pt"), "--gen-subset", "test", "--cpu", "--exit-threshold", "0.5",
-    ]))
+    out = ok(run("fairseq_cli.generate", generate_args(dest, ckpt / "checkpoint_last.pt", "--exit-threshold", "0.5")))
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
 
 
@@ -118,20 +119,10 @@ def test_generate_refuses_a_code_payload_checkpoint(trained, tmp_path):
         f"torch.save({{'model': {{}}, 'cfg': None, 'x': P()}}, '{evil}')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    proc = run("fairseq_cli.generate", [
-        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
-        "--path", str(evil), "--gen-subset", "test", "--cpu",
-    ])
+    proc = run("fairseq_cli.generate", generate_args(dest, evil))
     assert proc.returncode != 0
     assert "Weights only load failed" in proc.stderr
     assert not marker.exists()
-
-
-def generate_args(dest, ckpt, *extra):
-    return [
-        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
-        "--path", str(ckpt), "--gen-subset", "test", "--cpu", "--batch-size", "4", *extra,
-    ]
 
 
 def test_print_exit_layers_and_plot(trained, tmp_path):
