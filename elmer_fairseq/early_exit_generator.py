@@ -102,6 +102,11 @@ class EarlyExitGenerator:
         if prefix_tokens is not None or constraints is not None:
             raise NotImplementedError("the early-exit generator supports neither --prefix-size nor constraints")
         model = models[0]
+        if not hasattr(model, "initialize_canvas"):
+            raise TypeError(
+                f"the early-exit generator needs an elmer_nat model, got {type(model).__name__}: "
+                "was the checkpoint trained with --arch elmer_nat?"
+            )
         model.eval()
         net_input = sample["net_input"]
         tokens, scores, exit_layers = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])

@@ -220,6 +220,13 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Fine-tuning an lplm/hard checkpoint with --early-exit soft: the new W starts from its init."""
         own = self.state_dict()
+        key = "encoder.embed_tokens.weight"
+        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
+            raise ValueError(
+                f"the checkpoint's embeddings are {tuple(state_dict[key].shape)} but this task's dictionary "
+                f"gives {tuple(own[key].shape)} ({own[key].shape[0]} symbols, <mask> included): the checkpoint "
+                "was trained on another dictionary; use the data-bin (dict.*.txt) it was trained with"
+            )
         added = [k for k in own if k.startswith("decoder.soft_mixers.") and k not in state_dict]
         if added:
             state_dict = dict(state_dict, **{k: own[k] for k in added})

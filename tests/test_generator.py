@@ -1,5 +1,6 @@
 """The one-pass generator: cut at the first </s>, independence from the reference, over-fitting."""
 
+import pytest
 import torch
 
 from conftest import encode, make_model, make_sample
@@ -97,3 +98,18 @@ def test_tiny_model_overfits_a_handful_of_pairs(task):
     assert final < 0.05 * first
     hypos = EarlyExitGenerator(task.target_dictionary).generate([model], sample)
     assert [task.target_dictionary.string(h[0]["tokens"]) for h in hypos] == [p[1] for p in pairs]
+
+
+def test_checkpoint_of_another_dictionary_is_refused_by_name(task):
+    from conftest import make_task
+
+    model = make_model(task)
+    other = make_model(make_task(["x", "y", "z"]))
+    with pytest.raises(ValueError, match="another dictionary"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_generator_refuses_a_model_of_another_architecture(task):
+    sample = make_sample(task, ["the cat"], ["cat"])
+    with pytest.raises(TypeError, match="elmer_nat"):
+        EarlyExitGenerator(task.target_dictionary).generate([torch.nn.Linear(2, 2)], sample)
