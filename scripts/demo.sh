@@ -18,6 +18,7 @@ if [ ! -f "$DATA/dict.src.txt" ]; then
 fi
 
 rm -rf "$SAVE"
+mkdir -p "$(dirname "$SAVE")"
 # Canvas: the sample summaries are short and do not grow with the docstring
 # (train targets: median 12, 99th percentile 37 pieces incl. </s>), so T = 32 fixed.
 fairseq-train "$DATA" --user-dir elmer_fairseq \
