@@ -39,9 +39,12 @@ def main():
     parser.add_argument("--title", default="Exit layers of generated tokens")
     args = parser.parse_args()
 
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import sets DEBUG
     import matplotlib.pyplot as plt
 
     from elmer_fairseq.score import parse_generate_log, score
