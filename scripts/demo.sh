@@ -14,7 +14,9 @@ POST_EOS=${POST_EOS:-ignore}
 start=$(date +%s)
 
 if [ ! -f "$DATA/dict.src.txt" ]; then
-  PYTHON=$BIN/python bash scripts/prepare_sample.sh data-bin/sample-raw "$DATA" "$VOCAB"
+  echo "== preparing $DATA (sentencepiece $VOCAB, fairseq-preprocess; log: $DATA.prepare.log)"
+  PYTHON=$BIN/python bash scripts/prepare_sample.sh data-bin/sample-raw "$DATA" "$VOCAB" \
+    > "$DATA.prepare.log" 2>&1 || { tail -20 "$DATA.prepare.log"; exit 1; }
 fi
 
 rm -rf "$SAVE"
