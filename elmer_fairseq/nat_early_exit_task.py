@@ -79,10 +79,13 @@ class NATEarlyExitTask(TranslationTask):
             )
 
     def get_batch_iterator(self, dataset, **kwargs):
-        """fairseq 0.12 drops the last batch when it is not a multiple of
+        """Two fixes to fairseq 0.12's batching.
+
+        It drops the last batch when it is not a multiple of
         --required-batch-size-multiple (fairseq issue 5036): fairseq-generate then
         skips up to 7 test sentences and training skips the same longest pairs
-        every epoch. We batch with a multiple of 1 instead, and say so."""
+        every epoch. We batch with a multiple of 1 instead, and say so.
+        """
         multiple = kwargs.get("required_batch_size_multiple", 1)
         if multiple > 1:
             if not getattr(self, "_warned_multiple", False):
@@ -92,6 +95,18 @@ class NATEarlyExitTask(TranslationTask):
                 )
                 self._warned_multiple = True
             kwargs["required_batch_size_multiple"] = 1
+        # fairseq orders the examples with numpy_seed(seed + epoch) once, when the iterator is
+        # first built, and reuses that iterator in later epochs: a run resumed at epoch E > 1
+        # would batch differently from the run it continues. Build it as at epoch 1; the
+        # checkpoint's iterator state then moves it to epoch E and its offset.
+        reusable = (
+            not kwargs.get("update_epoch_batch_itr", False)
+            and not kwargs.get("disable_iterator_cache", False)
+            and self.can_reuse_epoch_itr(dataset)
+            and dataset not in self.dataset_to_epoch_iter
+        )
+        if reusable and kwargs.get("epoch", 1) > 1:
+            kwargs["epoch"] = 1
         return super().get_batch_iterator(dataset, **kwargs)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
