@@ -69,8 +69,15 @@ class NATEarlyExitTask(TranslationTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        src = self.datasets[split].src
-        too_long = int((_raw_sizes(src) > self.cfg.max_source_positions).sum())
+        pairs = self.datasets[split]
+        src_sizes = _raw_sizes(pairs.src)
+        # an empty line binarizes to </s> alone: kept (an empty target teaches </s> at position 1)
+        empty_src = int((src_sizes <= 1).sum())
+        empty_tgt = int((_raw_sizes(pairs.tgt) <= 1).sum()) if pairs.tgt is not None else 0
+        if empty_src or empty_tgt:
+            logger.warning(f"{split}: {empty_src} empty source and {empty_tgt} empty target lines (kept)")
+        src = pairs.src
+        too_long = int((src_sizes > self.cfg.max_source_positions).sum())
         if too_long:
             action = "truncated to" if self.cfg.truncate_source else "will be skipped (or refused) as longer than"
             logger.warning(
