@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -72,6 +73,17 @@ def make_sample(task, sources, targets):
         "ntokens": int(tgt.ne(task.target_dictionary.pad()).sum()),
         "id": torch.arange(len(sources)),
     }
+
+
+def write_payload_checkpoint(path, marker):
+    """A checkpoint whose unpickling would run ``touch marker`` (written by a separate process)."""
+    code = (
+        "import os, torch\n"
+        "class P:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'model': {{}}, 'cfg': None, 'x': P()}}, '{path}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.fixture

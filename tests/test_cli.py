@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_payload_checkpoint
 
 TRAIN_FLAGS = [
     "--user-dir", os.path.join(REPO, "elmer_fairseq"),
@@ -112,13 +112,7 @@ def test_generate_refuses_a_code_payload_checkpoint(trained, tmp_path):
     _, dest, _, _ = trained
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    code = (
-        "import os, torch\n"
-        "class P:\n"
-        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
-        f"torch.save({{'model': {{}}, 'cfg': None, 'x': P()}}, '{evil}')\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    write_payload_checkpoint(evil, marker)
     proc = run("fairseq_cli.generate", generate_args(dest, evil))
     assert proc.returncode != 0
     assert "Weights only load failed" in proc.stderr

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, write_payload_checkpoint
 from elmer_fairseq.atomic_checkpoint_copy import atomic_copy
 from test_cli import TRAIN_FLAGS, data_bin, generate_args, ok, run  # noqa: F401  (fixture)
 
@@ -98,13 +98,7 @@ def test_restore_file_with_a_code_payload_is_refused(data_bin, tmp_path):
     marker = tmp_path / "pwned"
     save = tmp_path / "ckpt"
     save.mkdir()
-    code = (
-        "import os, torch\n"
-        "class P:\n"
-        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
-        f"torch.save({{'model': {{}}, 'x': P()}}, '{save / 'checkpoint_last.pt'}')\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    write_payload_checkpoint(save / "checkpoint_last.pt", marker)
     proc = run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + ["--max-update", "2", "--save-dir", str(save)])
     assert proc.returncode != 0
     assert "Weights only load failed" in proc.stderr
