@@ -218,7 +218,8 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
         return cls(cfg, encoder, decoder)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        """Fine-tuning an lplm/hard checkpoint with --early-exit soft: the new W starts from its init."""
+        """Refuse a checkpoint of another dictionary size, naming both; fine-tuning an lplm/hard
+        checkpoint with --early-exit soft starts the new W from its init."""
         own = self.state_dict()
         key = "encoder.embed_tokens.weight"
         if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
