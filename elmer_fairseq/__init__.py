@@ -8,3 +8,4 @@ register_safe_globals()
 atomic_checkpoint_copy.install()
 
 from . import elmer_nat_model, lplm_criterion, nat_early_exit_task  # noqa: E402,F401
+from .hub_interface import ELMER  # noqa: E402,F401

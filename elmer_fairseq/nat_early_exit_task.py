@@ -126,7 +126,7 @@ class NATEarlyExitTask(TranslationTask):
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
         if self.cfg.print_exit_layers:
-            self._exit_report.add(sample["id"].tolist(), hypos)
+            self._exit_report.add(sample.get("id"), hypos)
         return hypos
 
     @property
@@ -143,12 +143,27 @@ class ExitLayerReport:
     def __init__(self, stream=None):
         self.stream = stream
         self.counts = collections.Counter()
+        self.next_id = 0
+        self.warned = False
 
     def add(self, ids, hypos):
-        for sample_id, nbest in zip(ids, hypos):
+        """``ids``: the batch's sentence ids. fairseq-interactive passes none: its one-sentence
+        batches (the default) are numbered in order; larger ones only feed the summary."""
+        if ids is None and len(hypos) == 1:
+            ids = [self.next_id]
+        elif ids is None:
+            if not self.warned:
+                logger.warning("--print-exit-layers: these batches carry no sentence ids; E- lines need "
+                               "fairseq-generate or --batch-size 1, the summary counts every token")
+                self.warned = True
+        else:
+            ids = ids.tolist()
+        self.next_id += len(hypos)
+        for i, nbest in enumerate(hypos):
             layers = nbest[0]["exit_layers"].tolist()
             self.counts.update(layers)
-            print(f"E-{sample_id}\t" + " ".join(map(str, layers)), file=self.stream or sys.stdout)
+            if ids is not None:
+                print(f"E-{ids[i]}\t" + " ".join(map(str, layers)), file=self.stream or sys.stdout)
 
     def summary(self):
         total = sum(self.counts.values())

@@ -230,6 +230,14 @@ def test_collapse_repeats_matches_naive_loop():
 
 def test_exit_layer_report(capsys):
     report = ExitLayerReport()
-    report.add([7, 3], [[{"exit_layers": torch.tensor([1, 1, 3])}], [{"exit_layers": torch.tensor([2])}]])
+    two = [[{"exit_layers": torch.tensor([1, 1, 3])}], [{"exit_layers": torch.tensor([2])}]]
+    report.add(torch.tensor([7, 3]), two)
     assert capsys.readouterr().out.splitlines() == ["E-7\t1 1 3", "E-3\t2"]
     assert report.summary() == "Exit layers: L1=0.500 L2=0.250 L3=0.250 | mean 1.750 | tokens 4"
+    # fairseq-interactive: no ids; one-sentence batches are numbered in order, larger ones only counted
+    report = ExitLayerReport()
+    report.add(None, two[:1])
+    report.add(None, two[1:])
+    report.add(None, two)
+    assert capsys.readouterr().out.splitlines() == ["E-0\t1 1 3", "E-1\t2"]
+    assert report.summary().endswith("tokens 8")
