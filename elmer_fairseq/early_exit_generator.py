@@ -13,7 +13,7 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import EntropyExit, LastLayerExit, SoftExit
+from .exit_policies import EntropyExit, LastLayerExit, SoftExit, ban_tokens
 
 
 def cut_at_first_eos(tokens, eos: int, pad: int):
@@ -89,8 +89,7 @@ class EarlyExitGenerator:
             tokens, scores = policy.tokens.t(), policy.scores.t()
         else:
             lprobs = model.decoder.off_ramp_log_probs(states, model.num_exit_layers)
-            lprobs[..., self.banned] = float("-inf")
-            scores, tokens = lprobs.max(-1)
+            scores, tokens = ban_tokens(lprobs, self.banned).max(-1)
         pad = canvas.eq(self.pad)
         tokens = tokens.masked_fill(pad, self.pad)
         return tokens, scores, exit_layers

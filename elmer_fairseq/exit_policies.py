@@ -21,6 +21,13 @@ Masks are laid out (T, B) like the decoder's hidden states.
 import torch
 
 
+def ban_tokens(scores, banned):
+    """``scores`` (..., V) with the ``banned`` token ids set to -inf: never chosen by an argmax."""
+    if not banned:
+        return scores
+    return scores.index_fill(-1, scores.new_tensor(banned, dtype=torch.long), float("-inf"))
+
+
 class ExitPolicy:
     """Base class. ``may_stop_early``: the decoder checks "all exited?" per layer."""
 
@@ -107,9 +114,7 @@ class EntropyExit(ExitPolicy):
         if lprobs is None:  # the last layer: no exit test ran there
             with torch.no_grad():
                 lprobs = decoder.off_ramp_log_probs(states, layer)
-        if self.banned:
-            lprobs = lprobs.index_fill(-1, lprobs.new_tensor(self.banned, dtype=torch.long), float("-inf"))
-        scores, tokens = lprobs.max(-1)
+        scores, tokens = ban_tokens(lprobs, self.banned).max(-1)
         if self.tokens is None:
             self.tokens, self.scores = tokens, scores
         else:
@@ -143,10 +148,7 @@ class SoftExit(LastLayerExit):
         if self.keep_logits:
             self.layer_logits.append(logits.transpose(0, 1))
         with torch.no_grad():
-            choice = logits
-            if self.banned:
-                choice = logits.index_fill(-1, logits.new_tensor(self.banned, dtype=torch.long), float("-inf"))
-            tokens = choice.argmax(-1)
+            tokens = ban_tokens(logits, self.banned).argmax(-1)
             if self.gold is not None and self.gold_prob > 0:
                 use_gold = torch.rand(tokens.shape, device=tokens.device) < self.gold_prob
                 if self.gold_mask is not None:  # only where a reference token exists

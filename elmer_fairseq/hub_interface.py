@@ -52,7 +52,6 @@ class ELMER(GeneratorHubInterface):
         exit_threshold: Optional[float] = None,
         collapse_repeats: bool = False,
         return_exit_layers: bool = False,
-        **kwargs,
     ):
         """Generate for one sentence or a list, batched; returns strings in input order.
 

@@ -66,6 +66,8 @@ class NATEarlyExitTask(TranslationTask):
                 dictionary.add_symbol(MASK_SYMBOL)
                 logger.info(f"added {MASK_SYMBOL} to the {name} dictionary (index {dictionary.index(MASK_SYMBOL)})")
         super().__init__(cfg, src_dict, tgt_dict)
+        self._warned_multiple = False
+        self._report = None  # ExitLayerReport, made on first use with --print-exit-layers
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
@@ -76,36 +78,35 @@ class NATEarlyExitTask(TranslationTask):
         empty_tgt = int((_raw_sizes(pairs.tgt) <= 1).sum()) if pairs.tgt is not None else 0
         if empty_src or empty_tgt:
             logger.warning(f"{split}: {empty_src} empty source and {empty_tgt} empty target lines (kept)")
-        src = pairs.src
         too_long = int((src_sizes > self.cfg.max_source_positions).sum())
         if too_long:
             action = "truncated to" if self.cfg.truncate_source else "will be skipped (or refused) as longer than"
             logger.warning(
-                f"{split}: {too_long} of {len(src)} sources {action} "
+                f"{split}: {too_long} of {len(pairs)} sources {action} "
                 f"--max-source-positions {self.cfg.max_source_positions}"
             )
 
     def get_batch_iterator(self, dataset, **kwargs):
         """Two fixes to fairseq 0.12's batching.
 
-        It drops the last batch when it is not a multiple of
-        --required-batch-size-multiple (fairseq issue 5036): fairseq-generate then
-        skips up to 7 test sentences and training skips the same longest pairs
-        every epoch. We batch with a multiple of 1 instead, and say so.
+        1. It drops the last batch when it is not a multiple of
+           --required-batch-size-multiple (fairseq issue 5036): fairseq-generate then
+           skips up to 7 test sentences and training skips the same longest pairs
+           every epoch. We batch with a multiple of 1 instead, and say so.
+        2. It orders the examples with numpy_seed(seed + epoch) once, when the iterator
+           is first built, and reuses that iterator in later epochs: a run resumed at
+           epoch E > 1 would batch differently from the run it continues. We build it
+           as at epoch 1; the checkpoint's iterator state then moves it to epoch E.
         """
         multiple = kwargs.get("required_batch_size_multiple", 1)
         if multiple > 1:
-            if not getattr(self, "_warned_multiple", False):
+            if not self._warned_multiple:
                 logger.warning(
                     f"--required-batch-size-multiple {multiple} ignored (using 1): fairseq would drop "
                     "the last batch of every split that is not a multiple of it"
                 )
                 self._warned_multiple = True
             kwargs["required_batch_size_multiple"] = 1
-        # fairseq orders the examples with numpy_seed(seed + epoch) once, when the iterator is
-        # first built, and reuses that iterator in later epochs: a run resumed at epoch E > 1
-        # would batch differently from the run it continues. Build it as at epoch 1; the
-        # checkpoint's iterator state then moves it to epoch E and its offset.
         reusable = (
             not kwargs.get("update_epoch_batch_itr", False)
             and not kwargs.get("disable_iterator_cache", False)
@@ -131,7 +132,7 @@ class NATEarlyExitTask(TranslationTask):
 
     @property
     def _exit_report(self):
-        if getattr(self, "_report", None) is None:
+        if self._report is None:
             self._report = ExitLayerReport()
             atexit.register(self._report.print_summary)
         return self._report
