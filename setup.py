@@ -22,7 +22,9 @@ setup(
     extras_require={
         # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
         "fastbpe": ["fastBPE==0.1.0"],
-        "test": ["pytest", "matplotlib"],
+        # scripts/convert_hf_elmer.py reads model.safetensors; transformers only to test it
+        "convert": ["safetensors"],
+        "test": ["pytest", "matplotlib", "safetensors", "transformers>=4.40,<5"],
     },
     entry_points={"console_scripts": ["elmer-score = elmer_fairseq.score:main"]},
 )

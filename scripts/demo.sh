@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # The demo: bundled sample corpus -> data-bin/sample -> a tiny elmer_nat trained on CPU
 # through fairseq-train -> fairseq-generate on the test split -> ROUGE/BLEU.
-# Knobs (environment): MAX_UPDATE, SAVE_DIR, POST_EOS, EXTRA_TRAIN_FLAGS.
+# Knobs (environment): MAX_UPDATE, SAVE_DIR, POST_EOS, EXTRA_TRAIN_FLAGS, and
+# PRETRAINED=checkpoints/pretrain-tiny/checkpoint_last.pt to fine-tune a scripts/pretrain.sh
+# checkpoint (the data is then encoded with its sentencepiece model and dictionary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 export PATH="$PWD/$BIN:$PATH"
-DATA=data-bin/sample
+DATA=${DATA:-data-bin/sample}
+PRETRAINED=${PRETRAINED:-}
+PREP_ENV=()
+INIT_FLAGS=()
+if [ -n "$PRETRAINED" ]; then
+  [ -f "$PRETRAINED" ] || { echo "demo.sh: PRETRAINED=$PRETRAINED does not exist" >&2; exit 1; }
+  PT_DATA=$(dirname "$PRETRAINED")  # pretrain.sh leaves spm.model and dict.txt there
+  DATA=${DATA_PT:-data-bin/sample-pt}
+  PREP_ENV=(SPM_MODEL="$PT_DATA/spm.model" DICT="$PT_DATA/dict.txt")
+  INIT_FLAGS=(--finetune-from-model "$PRETRAINED")
+fi
 VOCAB=${VOCAB:-4000}
 SAVE=${SAVE_DIR:-checkpoints/demo}
 MAX_UPDATE=${MAX_UPDATE:-700}
@@ -15,7 +27,7 @@ start=$(date +%s)
 
 if [ ! -f "$DATA/dict.src.txt" ]; then
   echo "== preparing $DATA (sentencepiece $VOCAB, fairseq-preprocess; log: $DATA.prepare.log)"
-  PYTHON=$BIN/python bash scripts/prepare_sample.sh data-bin/sample-raw "$DATA" "$VOCAB" \
+  env "${PREP_ENV[@]}" PYTHON=$BIN/python bash scripts/prepare_sample.sh data-bin/sample-raw "$DATA" "$VOCAB" \
     > "$DATA.prepare.log" 2>&1 || { tail -20 "$DATA.prepare.log"; exit 1; }
 fi
 
@@ -29,7 +41,7 @@ fairseq-train "$DATA" --user-dir elmer_fairseq \
   --optimizer adam --adam-betas '(0.9, 0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt \
   --warmup-updates 200 --clip-norm 1.0 --max-tokens 4096 --max-update "$MAX_UPDATE" \
   --save-dir "$SAVE" --no-epoch-checkpoints --cpu --num-workers 0 --seed 1 \
-  --log-format simple --log-interval 50 ${EXTRA_TRAIN_FLAGS:-} 2>&1 | tee "$SAVE.train.log" \
+  --log-format simple --log-interval 50 "${INIT_FLAGS[@]}" ${EXTRA_TRAIN_FLAGS:-} 2>&1 | tee "$SAVE.train.log" \
   | grep -E "\| (train|valid) \||done training"
 train_end=$(date +%s)
 

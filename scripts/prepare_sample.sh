@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Bundled sample corpus (data-bin/sample-raw) -> sentencepiece -> fairseq-preprocess -> data-bin/sample.
 # Usage: scripts/prepare_sample.sh [RAW_DIR] [OUT_DIR] [VOCAB_SIZE]
+# With SPM_MODEL=... and DICT=... (e.g. from scripts/pretrain.sh) it reuses that sentencepiece
+# model and dictionary instead of training new ones, so a pre-trained checkpoint fits the data.
 set -euo pipefail
 RAW=${1:-data-bin/sample-raw}
 OUT=${2:-data-bin/sample}
@@ -11,7 +13,14 @@ for f in train.src train.tgt valid.src valid.tgt test.src test.tgt; do
 done
 SPM="$OUT.spm"
 mkdir -p "$SPM"
-$PY scripts/sentencepiece_bpe.py train --model "$SPM/spm" --vocab-size "$VOCAB" "$RAW/train.src" "$RAW/train.tgt"
+DICT_FLAGS=()
+if [ -n "${SPM_MODEL:-}" ]; then
+  [ -s "$SPM_MODEL" ] && [ -s "${DICT:-}" ] || { echo "prepare_sample.sh: SPM_MODEL needs DICT (a dict.txt), both existing" >&2; exit 1; }
+  cp "$SPM_MODEL" "$SPM/spm.model"
+  DICT_FLAGS=(--srcdict "$DICT")
+else
+  $PY scripts/sentencepiece_bpe.py train --model "$SPM/spm" --vocab-size "$VOCAB" "$RAW/train.src" "$RAW/train.tgt"
+fi
 for split in train valid test; do
   for side in src tgt; do
     $PY scripts/sentencepiece_bpe.py encode --model "$SPM/spm.model" "$RAW/$split.$side" "$SPM/$split.$side"
@@ -20,5 +29,5 @@ done
 rm -rf "$OUT"
 fairseq-preprocess --source-lang src --target-lang tgt \
   --trainpref "$SPM/train" --validpref "$SPM/valid" --testpref "$SPM/test" \
-  --destdir "$OUT" --joined-dictionary --workers 2
+  --destdir "$OUT" --joined-dictionary --workers 2 "${DICT_FLAGS[@]}"
 cp "$SPM/spm.model" "$OUT/spm.model"
