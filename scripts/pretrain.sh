@@ -4,18 +4,19 @@
 # every target token a random exit layer, shared off-ramps). Resumable: run it again and
 # fairseq-train continues from SAVE_DIR/checkpoint_last.pt.
 #
-#   scripts/pretrain.sh RAW_DIR [NAME]     RAW_DIR: *.txt, UTF-8, one sentence per line,
-#                                          a blank line between documents; valid.txt, if
-#                                          there, is the validation text (else every 100th document)
-#   scripts/pretrain.sh --tiny [NAME]      CPU, a few minutes: elmer_nat_tiny on the bundled
-#                                          sample's training documents (data-bin/sample-raw)
+#   scripts/pretrain.sh [--tiny] RAW_DIR [NAME]
+#       RAW_DIR: *.txt, UTF-8, one sentence per line, a blank line between documents;
+#       valid.txt, if there, is the validation text (else every 100th document is held out)
+#   scripts/pretrain.sh --tiny            CPU, a few minutes: elmer_nat_tiny (3+3 layers, 128) on
+#                                         the bundled sample's training documents (data-bin/sample-raw)
 #
 # Environment: GPT2_BPE_DIR (encoder.json, vocab.bpe, dict.txt: GPT-2 BPE with BART's dictionary,
 # as ELMER and BART use; otherwise a sentencepiece model of VOCAB pieces is trained on the text),
 # NGPU (default: all visible GPUs; 0 = CPU), BATCH (sequences per GPU and step, 32), TOTAL_BATCH
 # (sequences per update, the paper's 4096: --update-freq = TOTAL_BATCH / (BATCH * NGPU)),
 # PRECISION (fp16 | bf16 | fp32; GPU default fp16), LPLM_SAMPLES (10; --tiny: 2), MAX_UPDATE,
-# SAVE_DIR, EXTRA_TRAIN_FLAGS.
+# VOCAB (sentencepiece size: 32000; --tiny 4000), DATA_ROOT (data-bin), SAVE_DIR
+# (checkpoints/NAME), EXTRA_TRAIN_FLAGS.
 # Multi-node: see README ("Pre-training at scale").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,20 +26,23 @@ PY=python
 
 TINY=0
 if [ "${1:-}" = "--tiny" ]; then TINY=1; shift; fi
-if [ $TINY = 1 ]; then
-  NAME=${1:-pretrain-tiny}
-  RAW=data-bin/$NAME.raw
+if [ $TINY = 1 ] && [ $# = 0 ]; then
+  NAME=pretrain-tiny
+  RAW=${DATA_ROOT:-data-bin}/$NAME.raw
+  SAMPLE_DOCS=1
 else
-  RAW=${1:?usage: scripts/pretrain.sh RAW_DIR [NAME]  or  scripts/pretrain.sh --tiny [NAME]}
-  NAME=${2:-pretrain}
+  RAW=${1:?usage: scripts/pretrain.sh [--tiny] RAW_DIR [NAME]  or  scripts/pretrain.sh --tiny}
+  if [ $TINY = 1 ]; then NAME=${2:-pretrain-tiny}; else NAME=${2:-pretrain}; fi
+  SAMPLE_DOCS=0
+  [ -d "$RAW" ] || { echo "pretrain.sh: $RAW is not a folder of *.txt" >&2; exit 1; }
 fi
-DATA=data-bin/$NAME
+DATA=${DATA_ROOT:-data-bin}/$NAME
 SAVE=${SAVE_DIR:-checkpoints/$NAME}
 WORK=$DATA.work
 mkdir -p "$WORK" "$SAVE"
 
-if [ $TINY = 1 ] && [ ! -s "$RAW/train.txt" ]; then
-  # the sample's training documents (docstrings and their summaries), a sentence per line
+if [ $SAMPLE_DOCS = 1 ] && [ ! -s "$RAW/train.txt" ]; then
+  # the sample's training documents (its source docstrings), a sentence per line; 5% for validation
   mkdir -p "$RAW"
   $PY - data-bin/sample-raw "$RAW" <<'PYEOF'
 import re, sys
