@@ -361,6 +361,10 @@ class ElmerDecoder(FairseqDecoder):
         enc_pad = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         self_pad = pad if pad.any() else None
 
+        if type(policy) is LastLayerExit and not return_all_hiddens:
+            states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
+            return states, {"exit_layers": exit_layers, "inner_states": None, "policy": policy}
+
         done = pad.t()  # (T, B): padding counts as exited
         exit_layer = torch.zeros_like(done, dtype=torch.long)
         exit_state = torch.zeros_like(x)
@@ -385,6 +389,16 @@ class ElmerDecoder(FairseqDecoder):
                 x = policy.transform(layer, x, self)
         extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "policy": policy}
         return exit_state.transpose(0, 1), extra
+
+
+    def _last_layer_pass(self, x, enc, enc_pad, self_pad, pad, num_layers):
+        """Every token at the last layer: the layers alone, without the exit bookkeeping.
+        Equal to the general loop at every non-padding position (padding is zeroed, as there)."""
+        for layer in self.layers:
+            x, _, _ = layer(x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)
+        states = x.transpose(0, 1).masked_fill(pad[..., None], 0.0)
+        exit_layers = torch.full_like(pad, num_layers, dtype=torch.long).masked_fill(pad, 0)
+        return states, exit_layers
 
 
 def init_soft_mix(weight, dim):

@@ -140,3 +140,21 @@ def test_assigned_exit_rejects_layers_out_of_range(task):
         assert "exit layers must lie in 1.." in str(e)
     else:
         raise AssertionError("out-of-range exit layers were accepted")
+
+
+def test_last_layer_fast_path_equals_general_loop(task):
+    """A plain last-layer pass skips the exit bookkeeping; it must give the general loop's
+    states bit for bit (padding zeroed in both) and the same exit layers."""
+    model = make_model(task)
+    src, src_len = encode(task, SOURCES)
+    canvas = model.initialize_canvas(src_len)
+    with torch.no_grad():
+        fast, fast_extra = model(src, src_len, canvas)
+        general, general_extra = model(src, src_len, canvas, return_all_hiddens=True)
+        _, naive_states = naive_decode(model, src, src_len, canvas, torch.full_like(canvas, model.num_exit_layers))
+    naive = naive_states[-1].transpose(0, 1)
+    pad = canvas.eq(task.target_dictionary.pad())
+    assert pad.any()  # the batch has padding, so zeroing is exercised
+    assert torch.equal(fast, general)
+    assert torch.equal(fast_extra["exit_layers"], general_extra["exit_layers"])
+    assert torch.allclose(fast[~pad], naive[~pad], atol=1e-6)

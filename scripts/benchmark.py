@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""Latency, throughput and peak memory of ELMER against the AR and NAR peers a fairseq user would pick.
+
+    python scripts/benchmark.py --data data-bin/sample --elmer checkpoints/demo/checkpoint_best.pt \
+        --ar checkpoints/peers/ar/checkpoint_best.pt --nat checkpoints/peers/nat/checkpoint_best.pt
+    python scripts/benchmark.py --data data-bin/sample --train-peers checkpoints/peers ...   # train them first
+    python scripts/benchmark.py --data data-bin/sample --size base --lengths 16 64            # untrained models
+
+Systems, all on the same test inputs: ELMER (elmer_nat) at the last layer, with hard exit at each
+--thresholds δ, and soft exit (--elmer-soft); fairseq's autoregressive ``transformer`` with greedy and
+beam-4 incremental decoding (SequenceGenerator); fairseq's ``nonautoregressive_transformer`` (one pass,
+length prediction; IterativeRefinementGenerator with max_iter 0); and the floor: one bare encoder +
+decoder forward pass of the same ELMER model (+ last off-ramp and argmax), no generator around it.
+
+Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, with
+CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
+CUDA's peak allocation, or on CPU the rise of the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) over its RSS before the run. ``--lengths`` forces every system to write outputs
+of exactly that many tokens (AR: min_len = max_len; NAT: its length prediction is replaced; ELMER: the
+canvas), so the speedup can be read against output length; without it each system decides its own
+length. Prints a table laid out like the paper's Table 1 latency column; --json writes every figure.
+"""
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fairseq import checkpoint_utils, options, tasks, utils  # noqa: E402
+from fairseq.dataclass.configs import GenerationConfig  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+
+import elmer_fairseq  # noqa: E402,F401
+from elmer_fairseq.early_exit_generator import EarlyExitGenerator  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIZES = {
+    "tiny": ["--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "128",
+             "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
+             "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+    "base": ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "768",
+             "--decoder-embed-dim", "768", "--encoder-ffn-embed-dim", "3072", "--decoder-ffn-embed-dim", "3072",
+             "--encoder-attention-heads", "12", "--decoder-attention-heads", "12"],
+}
+PEER_TRAINING = {
+    "ar": ["--task", "translation", "--arch", "transformer", "--share-all-embeddings",
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
+    "nat": ["--task", "translation_lev", "--arch", "nonautoregressive_transformer", "--share-all-embeddings",
+            "--criterion", "nat_loss", "--noise", "full_mask", "--pred-length-offset",
+            "--length-loss-factor", "0.1", "--label-smoothing", "0.1"],
+}
+
+
+# ---------------------------------------------------------------- models and generators
+
+def train_peer(kind, data, save_dir, size, updates):
+    """Train the AR or NAT peer with fairseq-train on the same data at the same size."""
+    ckpt = os.path.join(save_dir, kind, "checkpoint_best.pt")
+    if os.path.exists(ckpt):
+        return ckpt
+    cmd = [sys.executable, "-m", "fairseq_cli.train", data, *PEER_TRAINING[kind], *SIZES[size],
+           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt",
+           "--warmup-updates", "200", "--clip-norm", "1.0", "--max-tokens", "4096", "--max-update", str(updates),
+           "--save-dir", os.path.join(save_dir, kind), "--no-epoch-checkpoints", "--seed", "1",
+           "--num-workers", "0", "--log-format", "simple", "--log-interval", "100"]
+    if not torch.cuda.is_available():
+        cmd.append("--cpu")
+    logger.info(f"training the {kind} peer: {' '.join(cmd)}")
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return ckpt
+
+
+def untrained(kind, data, size):
+    """A randomly initialised model of the given size (latency does not depend on the weights)."""
+    task_args = {"elmer": ["--task", "nat_early_exit", "--arch", "elmer_nat", "--criterion", "lplm"],
+                 "ar": PEER_TRAINING["ar"], "nat": PEER_TRAINING["nat"]}[kind]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [data, *task_args, *SIZES[size]])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(1)
+    return task.build_model(cfg.model), task
+
+
+def load(path, data):
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data})
+    return models[0], task
+
+
+def generation_config(beam, length=None):
+    gen = GenerationConfig()
+    gen.beam = beam
+    if length is not None:  # exactly `length` tokens before </s>
+        gen.min_len, gen.max_len_a, gen.max_len_b = length, 0, length
+    return gen
+
+
+class ForcedLength:
+    """Replace a NAT model's length prediction by a fixed output length (benchmark only)."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, length_out, encoder_out, tgt_tokens=None):
+        enc = encoder_out["encoder_out"][0]
+        # the NAT canvas holds <s> y </s>: length + 2 slots
+        return torch.full((enc.size(1),), self.length + 2, dtype=torch.long, device=enc.device)
+
+
+class Floor:
+    """One bare forward pass of an ELMER model: encoder, every decoder layer, last off-ramp, argmax."""
+
+    def generate(self, models, sample, **unused):
+        model = models[0]
+        net = sample["net_input"]
+        states, _ = model(net["src_tokens"], net["src_lengths"], sample["canvas"])
+        return model.decoder.off_ramp(states, model.num_exit_layers).argmax(-1)
+
+
+def systems(args, device, dtype):
+    """(name, model, task, generator, sample hook) for every system benchmarked."""
+    out = []
+    length = args.length
+
+    def place(model):
+        model = model.to(device=device, dtype=dtype).eval()
+        return model
+
+    if args.elmer or args.size:
+        model, task = load(args.elmer, args.data) if args.elmer else untrained("elmer", args.data, args.size)
+        model = place(model)
+        if length is not None:  # the canvas holds exactly length + 1 slots (y + </s>)
+            model.cfg.canvas_len_a, model.cfg.canvas_len_b = 0.0, length + 1
+        tgt = task.target_dictionary
+        out.append(("ELMER floor (bare forward)", model, task, Floor(), True))
+        out.append(("ELMER last layer", model, task, EarlyExitGenerator(tgt, exit_threshold=0.0), False))
+        for delta in args.thresholds:
+            out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
+    if args.elmer_soft:
+        model, task = load(args.elmer_soft, args.data)
+        model = place(model)
+        if length is not None:
+            model.cfg.canvas_len_a, model.cfg.canvas_len_b = 0.0, length + 1
+        out.append(("ELMER soft", model, task, EarlyExitGenerator(task.target_dictionary), False))
+    for kind in ("nat", "ar"):
+        path = getattr(args, kind)
+        if not path and not args.size:
+            continue
+        model, task = load(path, args.data) if path else untrained(kind, args.data, args.size)
+        model = place(model)
+        if kind == "nat":
+            if length is not None:
+                model.decoder.forward_length_prediction = ForcedLength(length)
+            gen = task.build_generator([model], argparse.Namespace(iter_decode_max_iter=0))
+            out.append(("NAT (fairseq, one pass)", model, task, gen, False))
+        else:
+            for beam, name in ((1, "AR greedy"), (4, "AR beam 4")):
+                gen = task.build_generator([model], generation_config(beam, length))
+                out.append((f"{name} (fairseq transformer)", model, task, gen, False))
+    return out
+
+
+# ---------------------------------------------------------------- measurement
+
+def batches(task, split, batch_size, limit, device):
+    if split not in task.datasets:
+        task.load_dataset(split)
+    dataset = task.dataset(split)
+    itr = task.get_batch_iterator(
+        dataset=dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=True,
+        seed=1, num_workers=0, required_batch_size_multiple=1,
+    ).next_epoch_itr(shuffle=False)
+    out, n = [], 0
+    for sample in itr:
+        if n >= limit:
+            break
+        out.append(utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample)
+        n += sample["nsentences"]
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(model, task, gen, sample, floor):
+    if floor:
+        if "canvas" not in sample:
+            sample["canvas"] = model.initialize_canvas(sample["net_input"]["src_lengths"])
+        return gen.generate([model], sample)
+    return task.inference_step(gen, [model], sample)
+
+
+def output_tokens(hypos, d):
+    """Tokens written, <s>/</s>/<pad> not counted (the NAT peer's hypotheses keep <s> and </s>)."""
+    tokens = torch.cat([h[0]["tokens"] for h in hypos]) if isinstance(hypos, list) else hypos.flatten()
+    special = (tokens == d.bos()) | (tokens == d.eos()) | (tokens == d.pad())
+    return int((~special).sum())
+
+
+@contextmanager
+def peak_memory(device, record):
+    """Peak memory (MiB) the block adds: CUDA peak allocation, or the rise of peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield
+        torch.cuda.synchronize(device)
+        record["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so new peaks show in RSS
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        ok = True
+    except OSError:
+        ok = False
+    base = _proc_status("VmRSS")
+    yield
+    record["peak_mib"] = (_proc_status("VmHWM") - base) / 1024 if ok and base else None
+
+
+def _proc_status(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        return None
+    return None
+
+
+def measure(name, model, task, gen, floor, args, device):
+    res = {"system": name}
+    ctx = torch.inference_mode()
+    with ctx:
+        ones = batches(task, args.split, 1, args.max_sentences, device)
+        for sample in ones[: args.warmup]:
+            run_one(model, task, gen, sample, floor)
+        times, tokens = [], 0
+        for sample in ones:
+            sync(device)
+            t0 = time.perf_counter()
+            hypos = run_one(model, task, gen, sample, floor)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1000)
+            tokens += output_tokens(hypos, task.target_dictionary)
+        times.sort()
+        res["ms_median_bs1"] = statistics.median(times)
+        res["ms_p90_bs1"] = times[min(len(times) - 1, int(0.9 * len(times)))]
+        res["mean_output_tokens"] = tokens / len(ones)
+        big = batches(task, args.split, args.large_batch, args.max_sentences, device)
+        run_one(model, task, gen, big[0], floor)
+        sync(device)
+        t0 = time.perf_counter()
+        n = 0
+        for sample in big:
+            run_one(model, task, gen, sample, floor)
+            n += sample["nsentences"]
+        sync(device)
+        res[f"sent_per_s_bs{args.large_batch}"] = n / (time.perf_counter() - t0)
+        for bs in args.memory_batches:
+            sample = batches(task, args.split, bs, bs, device)[0]
+            record = {}
+            with peak_memory(device, record):
+                run_one(model, task, gen, sample, floor)
+            res[f"peak_mib_bs{bs}"] = record["peak_mib"]
+    return res
+
+
+def table(results, large_batch, memory_batches):
+    ref = next((r for r in results if r["system"] == "ELMER last layer"), results[0])
+    head = ["system", "ms/sample bs1 (median)", "p90", f"sent/s bs{large_batch}", "speedup vs ELMER",
+            "out tokens"] + [f"peak MiB bs{b}" for b in memory_batches]
+    rows = [head]
+    for r in results:
+        rows.append([
+            r["system"], f"{r['ms_median_bs1']:.2f}", f"{r['ms_p90_bs1']:.2f}",
+            f"{r[f'sent_per_s_bs{large_batch}']:.1f}", f"{ref['ms_median_bs1'] / r['ms_median_bs1']:.2f}x",
+            f"{r['mean_output_tokens']:.1f}",
+        ] + [("-" if r.get(f"peak_mib_bs{b}") is None else f"{r[f'peak_mib_bs{b}']:.1f}") for b in memory_batches])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    floor = next((r for r in results if r["system"].startswith("ELMER floor")), None)
+    if floor:
+        lines.append(f"generator overhead over the bare forward pass (bs1 median): "
+                     f"{ref['ms_median_bs1'] / floor['ms_median_bs1']:.3f}x")
+    return "\n".join(lines)
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="fairseq data-bin with the test split")
+    p.add_argument("--split", default="test")
+    p.add_argument("--elmer", help="elmer_nat checkpoint (last layer and hard exit)")
+    p.add_argument("--elmer-soft", help="elmer_nat checkpoint trained with --early-exit soft")
+    p.add_argument("--ar", help="fairseq transformer checkpoint")
+    p.add_argument("--nat", help="fairseq nonautoregressive_transformer checkpoint")
+    p.add_argument("--train-peers", metavar="DIR", help="train missing AR/NAT peers into DIR first")
+    p.add_argument("--peer-updates", type=int, default=700)
+    p.add_argument("--size", choices=sorted(SIZES), help="untrained models of this size instead of checkpoints")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[1.0, 3.0])
+    p.add_argument("--lengths", type=int, nargs="*", default=[], help="forced output lengths (one table each)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--max-sentences", type=int, default=200, help="sentences timed per setting")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--large-batch", type=int, default=64)
+    p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 32, 128])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train_peers:
+        size = args.size or "tiny"
+        args.ar = args.ar or train_peer("ar", args.data, args.train_peers, size, args.peer_updates)
+        args.nat = args.nat or train_peer("nat", args.data, args.train_peers, size, args.peer_updates)
+        if args.size and not args.elmer:
+            raise SystemExit("--train-peers with --size: give the ELMER checkpoint of that size with --elmer")
+        args.size = None
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    report = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "tables": []}
+    for length in args.lengths or [None]:
+        args.length = length
+        results = [measure(*s, args, device) for s in systems(args, device, dtype)]
+        title = f"output length {'forced to ' + str(length) if length else 'chosen by each system'}"
+        print(f"\n== {title} ({device}, {args.dtype}, {torch.get_num_threads()} threads)")
+        print(table(results, args.large_batch, args.memory_batches))
+        report["tables"].append({"length": length, "results": results})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
