@@ -18,6 +18,7 @@ setup(
         "sacremoses",
         "rouge-score",
         "sacrebleu>=2.0",
+        "nltk",
     ],
     extras_require={
         # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
