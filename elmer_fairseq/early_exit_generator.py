@@ -78,7 +78,7 @@ class EarlyExitGenerator:
             return EntropyExit(threshold, banned=self.banned)
         return LastLayerExit()
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
     def decode(self, model, src_tokens, src_lengths):
         """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
         canvas = model.initialize_canvas(src_lengths)
@@ -94,7 +94,7 @@ class EarlyExitGenerator:
         tokens = tokens.masked_fill(pad, self.pad)
         return tokens, scores, exit_layers
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
     def generate(self, models, sample, prefix_tokens=None, constraints=None, **kwargs):
         if len(models) != 1:
             raise NotImplementedError("the early-exit generator takes one model, not an ensemble")

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from fairseq import metrics, utils
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .early_exit_generator import EarlyExitGenerator
 from .elmer_nat_model import MASK_SYMBOL
+from .score import rouge
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,15 @@ class NATEarlyExitConfig(TranslationConfig):
     )
     collapse_repeats: bool = field(
         default=False, metadata={"help": "remove consecutive duplicate tokens from generated hypotheses"}
+    )
+    eval_rouge: bool = field(
+        default=False,
+        metadata={
+            "help": "validation also generates with the early-exit generator and logs ROUGE-L F1 (x100) as "
+            "'rougeL', so that --best-checkpoint-metric rougeL --maximize-best-checkpoint-metric keeps the "
+            "best checkpoint by it; pieces are joined by --eval-bleu-remove-bpe (e.g. sentencepiece), GPT-2 "
+            "ids are scored as tokens"
+        },
     )
     print_exit_layers: bool = field(
         default=False,
@@ -84,6 +95,35 @@ class NATEarlyExitTask(TranslationTask):
             logger.warning(
                 f"{split}: {too_long} of {len(pairs)} sources {action} "
                 f"--max-source-positions {self.cfg.max_source_positions}"
+            )
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.eval_rouge:
+            self._eval_generator = self.build_generator([model], None)
+        return model
+
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if self.cfg.eval_rouge:
+            hypos = self.inference_step(self._eval_generator, [model], sample)
+            pad = self.tgt_dict.pad()
+            hyps = [self._eval_text(h[0]["tokens"]) for h in hypos]
+            refs = [self._eval_text(utils.strip_pad(t, pad)) for t in sample["target"]]
+            logging_output["_rougeL_sum"] = rouge(hyps, refs)["ROUGE-L"] * len(hyps)
+            logging_output["_rougeL_n"] = len(hyps)
+        return loss, sample_size, logging_output
+
+    def _eval_text(self, tokens):
+        return self.tgt_dict.string(tokens.int().cpu(), self.cfg.eval_bleu_remove_bpe)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if self.cfg.eval_rouge:
+            for key in ("_rougeL_sum", "_rougeL_n"):
+                metrics.log_scalar_sum(key, sum(log.get(key, 0) for log in logging_outputs))
+            metrics.log_derived(
+                "rougeL", lambda meters: round(meters["_rougeL_sum"].sum / max(meters["_rougeL_n"].sum, 1), 2)
             )
 
     def get_batch_iterator(self, dataset, **kwargs):

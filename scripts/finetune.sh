@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Shared engine of the dataset recipes (scripts/xsum.sh, squad_qg.sh, personachat.sh):
+#   prepare  released files in RAW_DIR -> text pairs -> BPE -> fairseq-preprocess -> data-bin/$DATASET,
+#            and the canvas rule from the data (T = p99 of the training targets' length in pieces + </s>)
+#   train    fairseq-train --task nat_early_exit --arch elmer_nat --criterion lplm, Appendix B settings
+#            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
+#            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
+#   generate fairseq-generate on the test split (one pass, cut at the first </s>)
+#   score    elmer-score --task $DATASET (the paper's columns)
+#   all      the four in order
+# Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
+# Environment:
+#   GPT2_BPE_DIR   folder with encoder.json, vocab.bpe, dict.txt: GPT-2 BPE + BART's dictionary (needed
+#                  for BART-base or the released ELMER weights); otherwise a sentencepiece model of
+#                  VOCAB (32000) pieces is trained on the training split
+#   PRETRAINED     an elmer_nat checkpoint to start from (scripts/convert_hf_elmer.py, init_from_bart.py,
+#                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
+#   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
+#   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
+#   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
+#   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
+: "${DATASET:?set by scripts/<dataset>.sh}"
+STAGE=${1:?usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]}
+RAW=${2:-${RAW_DIR:-}}
+DATA=${DATA_ROOT:-data-bin}/$DATASET
+TEXT=$DATA.text
+SAVE=${SAVE_DIR:-checkpoints/$DATASET}
+DEVICE=()
+if [ "${CPU:-0}" = 1 ]; then DEVICE=(--cpu); fi
+
+prepare() {
+  [ -n "$RAW" ] || { echo "$DATASET.sh prepare: give RAW_DIR, the folder of the released files" >&2; exit 2; }
+  python scripts/prepare_dataset.py "$DATASET" "$RAW" "$TEXT"
+  local dict_flags=() bpe
+  if [ -n "${GPT2_BPE_DIR:-}" ]; then
+    for f in encoder.json vocab.bpe dict.txt; do
+      [ -s "$GPT2_BPE_DIR/$f" ] || { echo "$DATASET.sh: GPT2_BPE_DIR=$GPT2_BPE_DIR lacks $f" >&2; exit 1; }
+    done
+    for split in train valid test; do for side in src tgt; do
+      python scripts/gpt2_bpe.py --encoder-json "$GPT2_BPE_DIR/encoder.json" --vocab-bpe "$GPT2_BPE_DIR/vocab.bpe" \
+        "$TEXT/$split.$side" "$TEXT/$split.bpe.$side"
+    done; done
+    dict_flags=(--srcdict "$GPT2_BPE_DIR/dict.txt")
+    bpe=gpt2
+  else
+    python scripts/sentencepiece_bpe.py train --model "$TEXT/spm" --vocab-size "${VOCAB:-32000}" \
+      "$TEXT/train.src" "$TEXT/train.tgt"
+    for split in train valid test; do for side in src tgt; do
+      python scripts/sentencepiece_bpe.py encode --model "$TEXT/spm.model" "$TEXT/$split.$side" "$TEXT/$split.bpe.$side"
+    done; done
+    bpe=sentencepiece
+  fi
+  rm -rf "$DATA"
+  fairseq-preprocess --source-lang src --target-lang tgt --trainpref "$TEXT/train.bpe" \
+    --validpref "$TEXT/valid.bpe" --testpref "$TEXT/test.bpe" --destdir "$DATA" --joined-dictionary \
+    --workers "${WORKERS:-2}" "${dict_flags[@]}"
+  echo "$bpe" > "$DATA/bpe"
+  if [ -f "$TEXT/spm.model" ]; then cp "$TEXT/spm.model" "$DATA/spm.model"; fi
+  # canvas rule from the data: outputs do not grow with the input here, so T = b, the 99th percentile
+  # of the training targets' length in pieces, + 1 for </s>
+  python - "$TEXT/train.bpe.tgt" "$DATA/canvas.env" <<'PYEOF'
+import sys
+lengths = sorted(len(line.split()) + 1 for line in open(sys.argv[1], encoding="utf-8"))
+p99 = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+mean = sum(lengths) / len(lengths)
+with open(sys.argv[2], "w") as f:
+    f.write(f"CANVAS_A=0\nCANVAS_B={p99}\n")
+print(f"targets (pieces + </s>): mean {mean:.1f}, p99 {p99} -> canvas T = {p99}; longer ones are counted as long_targets")
+PYEOF
+}
+
+train() {
+  [ -f "$DATA/canvas.env" ] || { echo "$DATASET.sh train: run prepare first (no $DATA/canvas.env)" >&2; exit 1; }
+  # shellcheck disable=SC1090,SC1091
+  source "$DATA/canvas.env"
+  local init=() lr=${LR:-5e-4} post=()
+  if [ -n "${PRETRAINED:-}" ]; then
+    [ -f "$PRETRAINED" ] || { echo "$DATASET.sh: PRETRAINED=$PRETRAINED does not exist" >&2; exit 1; }
+    init=(--finetune-from-model "$PRETRAINED"); lr=${LR:-2e-5}
+  fi
+  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--eval-bleu-remove-bpe sentencepiece); fi
+  mkdir -p "$SAVE"
+  fairseq-train "$DATA" --user-dir elmer_fairseq \
+    --task nat_early_exit --arch "${ARCH:-elmer_nat}" --criterion lplm --early-exit "${EARLY_EXIT:-soft}" \
+    --canvas-len-a "$CANVAS_A" --canvas-len-b "$CANVAS_B" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source \
+    --optimizer adam --adam-betas '(0.9, 0.999)' --lr "$lr" --lr-scheduler fixed --clip-norm 1.0 \
+    --batch-size "${BATCH:-20}" --update-freq "${UPDATE_FREQ:-1}" --max-epoch "${MAX_EPOCH:-50}" \
+    --max-update "${MAX_UPDATE:-0}" "${init[@]}" \
+    --eval-rouge "${post[@]}" --best-checkpoint-metric rougeL --maximize-best-checkpoint-metric \
+    --save-dir "$SAVE" --keep-last-epochs 2 --seed 1 --num-workers 0 --log-format simple \
+    --log-interval "${LOG_INTERVAL:-100}" "${DEVICE[@]}" ${EXTRA_TRAIN_FLAGS:-} 2>&1 | tee -a "$SAVE/train.log" \
+    | grep -E "\| (train|valid) \||done training|Error"
+}
+
+generate() {
+  local post=()
+  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece)
+  else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
+  fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
+    --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source "${post[@]}" "${DEVICE[@]}" \
+    > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
+  grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true
+}
+
+score() {
+  local wn=()
+  if [ -n "${WORDNET:-}" ]; then wn=(--wordnet "$WORDNET"); fi
+  python -m elmer_fairseq.score --generate-log "$SAVE/generate-test.txt" --task "$DATASET" "${wn[@]}" \
+    | tee "$SAVE/score-test.txt"
+}
+
+case "$STAGE" in
+  prepare) prepare ;; train) train ;; generate) generate ;; score) score ;;
+  all) prepare; train; generate; score ;;
+  *) echo "usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]" >&2; exit 2 ;;
+esac
