@@ -24,7 +24,9 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
 : "${DATASET:?set by scripts/<dataset>.sh}"
-STAGE=${1:?usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]}
+USAGE="usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]"
+if [ $# -lt 1 ]; then echo "$USAGE" >&2; exit 2; fi
+STAGE=$1
 RAW=${2:-${RAW_DIR:-}}
 DATA=${DATA_ROOT:-data-bin}/$DATASET
 TEXT=$DATA.text
@@ -118,5 +120,5 @@ score() {
 case "$STAGE" in
   prepare) prepare ;; train) train ;; generate) generate ;; score) score ;;
   all) prepare; train; generate; score ;;
-  *) echo "usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]" >&2; exit 2 ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
 esac
