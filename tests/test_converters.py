@@ -167,3 +167,22 @@ def test_hf_dictionary_from_gpt2_encoder_json(tmp_path):
     assert d.symbols[4:] == ["262", "3797", "13"]
     with pytest.raises(ValueError, match="--dict"):
         fairseq_dictionary(str(tmp_path), 8)
+
+
+def test_converters_refuse_a_code_payload(tmp_path):
+    """Both converters load with weights_only=True: a checkpoint that would run code is refused."""
+    from conftest import write_payload_checkpoint
+
+    marker = tmp_path / "pwned"
+    write_payload_checkpoint(tmp_path / "model.pt", marker)
+    make_task(WORDS).source_dictionary.save(str(tmp_path / "dict.txt"))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "init_from_bart.py"),
+                          str(tmp_path / "model.pt"), str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode != 0 and "weights_only" in out.stderr.lower() + out.stdout.lower()
+    (tmp_path / "hf").mkdir()
+    os.replace(tmp_path / "model.pt", tmp_path / "hf" / "pytorch_model.bin")
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "convert_hf_elmer.py"), str(tmp_path / "hf"),
+                          str(tmp_path / "out2"), "--dict", str(tmp_path / "dict.txt")], capture_output=True, text=True)
+    assert out.returncode != 0 and "weights_only" in out.stderr.lower()
+    assert not marker.exists()
