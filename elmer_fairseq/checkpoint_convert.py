@@ -91,3 +91,25 @@ def save_elmer(cfg, model, path: str) -> None:
     }
     checkpoint_utils.torch_persistent_save(state, path)
     logger.info(f"wrote {path}")
+
+
+def convert_weights(out_dir: str, dictionary: Dictionary, weights: Dict[str, torch.Tensor], model_args: List[str]) -> str:
+    """The common end of both converters: write the dictionary, build elmer_nat from ``model_args``,
+    make every off-ramp the tied embedding matrix (BART's output projection / lm_head), take
+    fairseq's format-version buffers from the new model, load strictly and save OUT/model.pt."""
+    weights = dict(weights)
+    write_dictionary(dictionary, out_dir, weights["encoder.embed_tokens.weight"].size(0))
+    cfg, model = build_elmer(out_dir, model_args)
+    own = model.state_dict()
+    for k in [k for k in weights if k.endswith(".version") and k not in own]:
+        logger.info(f"not copied: {k} (fairseq's format version; elmer_nat's decoder has none)")
+        weights.pop(k)
+    for k in own:
+        if k.startswith("decoder.off_ramps."):
+            weights[k] = weights["decoder.embed_tokens.weight"]
+        elif k.endswith(".version") and k not in weights:
+            weights[k] = own[k]
+    load_converted(model, weights)
+    path = os.path.join(out_dir, "model.pt")
+    save_elmer(cfg, model, path)
+    return path

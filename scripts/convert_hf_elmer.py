@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fairseq.data import Dictionary  # noqa: E402
 
 import elmer_fairseq  # noqa: E402,F401
-from elmer_fairseq.checkpoint_convert import build_elmer, load_converted, save_elmer, write_dictionary  # noqa: E402
+from elmer_fairseq.checkpoint_convert import convert_weights  # noqa: E402
 
 logger = logging.getLogger("convert_hf_elmer")
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
@@ -142,16 +142,8 @@ def convert(src, out_dir, dict_path=None, encoder_json=None, config_path=None, e
         config = json.load(f)
     weights = to_fairseq(read_weights(weights_path))
     rows = weights["encoder.embed_tokens.weight"].size(0)
-    write_dictionary(fairseq_dictionary(src, rows, dict_path, encoder_json), out_dir, rows)
-    cfg, model = build_elmer(out_dir, model_flags(config) + list(extra_flags))
-    for k in model.state_dict():
-        if k.startswith("decoder.off_ramps."):
-            weights[k] = weights["decoder.embed_tokens.weight"]
-        elif k.endswith(".version"):
-            weights[k] = model.state_dict()[k]
-    load_converted(model, weights)
-    save_elmer(cfg, model, os.path.join(out_dir, "model.pt"))
-    return os.path.join(out_dir, "model.pt")
+    dictionary = fairseq_dictionary(src, rows, dict_path, encoder_json)
+    return convert_weights(out_dir, dictionary, weights, model_flags(config) + list(extra_flags))
 
 
 def main():

@@ -26,7 +26,7 @@ from fairseq import checkpoint_utils  # noqa: E402
 from fairseq.data import Dictionary  # noqa: E402
 
 import elmer_fairseq  # noqa: E402,F401  (safe loading, registrations)
-from elmer_fairseq.checkpoint_convert import build_elmer, load_converted, save_elmer, write_dictionary  # noqa: E402
+from elmer_fairseq.checkpoint_convert import convert_weights  # noqa: E402
 
 logger = logging.getLogger("init_from_bart")
 
@@ -95,19 +95,8 @@ def convert(model_pt, out_dir, dict_path=None, extra_flags=()):
     for key, why in DROPPED.items():
         if weights.pop(key, None) is not None:
             logger.info(f"not copied: {key} ({why})")
-    write_dictionary(Dictionary.load(dict_path), out_dir, weights["encoder.embed_tokens.weight"].size(0))
-    cfg, model = build_elmer(out_dir, model_flags(bart_options(state)) + list(extra_flags))
-    own = model.state_dict()
-    for k in [k for k in weights if k.endswith(".version") and k not in own]:
-        logger.info(f"not copied: {k} (fairseq's format version; elmer_nat's decoder has none)")
-        weights.pop(k)
-    # off-ramp(s) of elmer_nat: the shared one is the tied embedding matrix
-    for k in own:
-        if k.startswith("decoder.off_ramps."):
-            weights[k] = weights["decoder.embed_tokens.weight"]
-    load_converted(model, weights)
-    save_elmer(cfg, model, os.path.join(out_dir, "model.pt"))
-    return os.path.join(out_dir, "model.pt")
+    flags = model_flags(bart_options(state)) + list(extra_flags)
+    return convert_weights(out_dir, Dictionary.load(dict_path), weights, flags)
 
 
 def main():
