@@ -9,6 +9,7 @@ returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
 import atexit
 import collections
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -97,6 +98,10 @@ class NATEarlyExitTask(TranslationTask):
                 f"--max-source-positions {self.cfg.max_source_positions}"
             )
 
+    def build_tokenizer(self, args):
+        """fairseq's tokenizer (or none) behind a check that input text is valid UTF-8."""
+        return Utf8Guard(super().build_tokenizer(args))
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if self.cfg.eval_rouge:
@@ -176,6 +181,34 @@ class NATEarlyExitTask(TranslationTask):
             self._report = ExitLayerReport()
             atexit.register(self._report.print_summary)
         return self._report
+
+
+class Utf8Guard:
+    """Input lines that were not valid UTF-8 reach fairseq-interactive as strings with lone
+    surrogates (Python's surrogateescape), which sentencepiece and the BPEs cannot take. Each
+    such line has its undecodable bytes replaced by U+FFFD, and is counted and logged."""
+
+    _SURROGATE = re.compile("[\ud800-\udfff]")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.lines_seen = 0
+        self.lines_replaced = 0
+
+    def encode(self, text):
+        self.lines_seen += 1
+        bad = len(self._SURROGATE.findall(text))
+        if bad:
+            self.lines_replaced += 1
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            logger.warning(
+                f"input line {self.lines_seen} is not valid UTF-8: {bad} undecodable byte(s) replaced by "
+                f"U+FFFD ({self.lines_replaced} line(s) so far); convert the input to UTF-8 (e.g. iconv)"
+            )
+        return self.tokenizer.encode(text) if self.tokenizer is not None else text
+
+    def decode(self, text):
+        return self.tokenizer.decode(text) if self.tokenizer is not None else text
 
 
 class ExitLayerReport:

@@ -62,3 +62,26 @@ def test_nonsense_options_are_rejected_at_start_naming_the_flag(tmp_path):
         proc = run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + extra + ["--max-update", "1", "--save-dir", str(tmp_path / "x")])
         assert proc.returncode != 0, extra
         assert message in proc.stderr, (extra, proc.stderr[-1500:])
+
+
+def test_non_utf8_interactive_lines_are_replaced_and_counted(caplog):
+    """fairseq-interactive hands undecodable stdin bytes over as lone surrogates; the task's
+    tokenizer guard replaces them with U+FFFD, counts the line and says so."""
+    from elmer_fairseq.nat_early_exit_task import Utf8Guard
+
+    class Upper:
+        def encode(self, x):
+            return x.upper()
+
+        def decode(self, x):
+            return x.lower()
+
+    guard = Utf8Guard(Upper())
+    bad = b"caf\xe9 ok".decode("utf-8", "surrogateescape")
+    with caplog.at_level("WARNING"):
+        assert guard.encode("fine") == "FINE"
+        assert guard.encode(bad) == "CAF\ufffd OK"
+    assert guard.lines_seen == 2 and guard.lines_replaced == 1
+    assert "input line 2 is not valid UTF-8: 1 undecodable byte(s)" in caplog.text
+    assert guard.decode("ABC") == "abc"
+    assert Utf8Guard(None).encode(bad) == "caf\ufffd ok"
