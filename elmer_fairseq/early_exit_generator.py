@@ -13,7 +13,7 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import EntropyExit, LastLayerExit, SoftExit, ban_tokens
+from .exit_policies import EntropyExit, LastLayerExit, SoftExit
 
 
 def cut_at_first_eos(tokens, eos: int, pad: int):
@@ -43,6 +43,14 @@ def collapse_repeats(tokens, lengths, *aligned):
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
     gathered = [t.gather(1, order) for t in (tokens,) + aligned]
     return (gathered[0], keep.sum(1)) + tuple(gathered[1:])
+
+
+def best_tokens(logits, banned):
+    """The argmax token outside ``banned`` and its log-probability under the full softmax,
+    without materialising log_softmax over the vocabulary (``logits`` is overwritten)."""
+    log_norm = torch.logsumexp(logits, dim=-1)
+    best, tokens = logits.index_fill_(-1, logits.new_tensor(banned, dtype=torch.long), float("-inf")).max(-1)
+    return best - log_norm, tokens
 
 
 class EarlyExitGenerator:
@@ -88,8 +96,8 @@ class EarlyExitGenerator:
         if isinstance(policy, EntropyExit):
             tokens, scores = policy.tokens.t(), policy.scores.t()
         else:
-            lprobs = model.decoder.off_ramp_log_probs(states, model.num_exit_layers)
-            scores, tokens = ban_tokens(lprobs, self.banned).max(-1)
+            logits = model.decoder.off_ramp(states, model.num_exit_layers).float()
+            scores, tokens = best_tokens(logits, self.banned)
         pad = canvas.eq(self.pad)
         tokens = tokens.masked_fill(pad, self.pad)
         return tokens, scores, exit_layers

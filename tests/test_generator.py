@@ -39,7 +39,7 @@ def test_generator_cuts_at_first_eos(task, monkeypatch):
         logits.scatter_(-1, wanted.expand(states.shape[:-1])[..., None], 10.0)
         return torch.log_softmax(logits, -1)
 
-    monkeypatch.setattr(model.decoder, "off_ramp_log_probs", rigged)
+    monkeypatch.setattr(model.decoder, "off_ramp", rigged)
     sample = make_sample(task, ["the cat sat on the mat"], ["cat"])
     hypo = EarlyExitGenerator(d).generate([model], sample)[0][0]
     assert hypo["tokens"].tolist() == wanted[:3].tolist()
@@ -113,3 +113,15 @@ def test_generator_refuses_a_model_of_another_architecture(task):
     sample = make_sample(task, ["the cat"], ["cat"])
     with pytest.raises(TypeError, match="elmer_nat"):
         EarlyExitGenerator(task.target_dictionary).generate([torch.nn.Linear(2, 2)], sample)
+
+
+def test_best_tokens_equals_log_softmax_then_ban_then_max():
+    from elmer_fairseq.early_exit_generator import best_tokens
+    from elmer_fairseq.exit_policies import ban_tokens
+
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(0)) * 4
+    logits[0, 0, 2] = 50.0  # a banned token that would win
+    ref_scores, ref_tokens = ban_tokens(torch.log_softmax(logits, -1), [1, 2]).max(-1)
+    scores, tokens = best_tokens(logits.clone(), [1, 2])
+    assert torch.equal(tokens, ref_tokens) and not tokens.eq(2).any()
+    assert torch.allclose(scores, ref_scores, atol=1e-5)
