@@ -181,6 +181,7 @@ def batches(task, split, batch_size, limit, device):
     itr = task.get_batch_iterator(
         dataset=dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=True,
         seed=1, num_workers=0, required_batch_size_multiple=1,
+        disable_iterator_cache=True,  # fairseq would hand back the first batch size's iterator
     ).next_epoch_itr(shuffle=False)
     out, n = [], 0
     for sample in itr:
@@ -248,42 +249,55 @@ def _proc_status(field):
     return None
 
 
-def measure(name, model, task, gen, floor, args, device):
-    res = {"system": name}
-    ctx = torch.inference_mode()
-    with ctx:
-        ones = batches(task, args.split, 1, args.max_sentences, device)
-        for sample in ones[: args.warmup]:
-            run_one(model, task, gen, sample, floor)
-        times, tokens = [], 0
-        for sample in ones:
+def measure_all(systems_list, args, device):
+    """Every system on the same inputs. Batch-size-1 latency is taken round-robin (each sentence
+    by every system in turn, after a warm-up of every system), so that drift in the machine's
+    speed falls on all systems alike; then large-batch throughput and peak memory per system."""
+    results = [{"system": name} for name, *_ in systems_list]
+    times = [[] for _ in systems_list]
+    tokens = [0] * len(systems_list)
+    with torch.inference_mode():
+        per_task = {}
+        for _, model, task, gen, floor in systems_list:
+            if id(task) not in per_task:
+                per_task[id(task)] = batches(task, args.split, 1, args.max_sentences, device)
+        for _, model, task, gen, floor in systems_list:
+            for sample in per_task[id(task)][: args.warmup]:
+                run_one(model, task, gen, sample, floor)
+        n = min(len(v) for v in per_task.values())
+        for i in range(n):
+            for j, (_, model, task, gen, floor) in enumerate(systems_list):
+                sample = per_task[id(task)][i]
+                sync(device)
+                t0 = time.perf_counter()
+                hypos = run_one(model, task, gen, sample, floor)
+                sync(device)
+                times[j].append((time.perf_counter() - t0) * 1000)
+                tokens[j] += output_tokens(hypos, task.target_dictionary)
+        for j, (_, model, task, gen, floor) in enumerate(systems_list):
+            res = results[j]
+            ordered = sorted(times[j])
+            res["ms_median_bs1"] = statistics.median(ordered)
+            res["ms_p90_bs1"] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+            res["mean_output_tokens"] = tokens[j] / n
+            big = batches(task, args.split, args.large_batch, args.max_sentences, device)
+            run_one(model, task, gen, big[0], floor)
             sync(device)
             t0 = time.perf_counter()
-            hypos = run_one(model, task, gen, sample, floor)
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1000)
-            tokens += output_tokens(hypos, task.target_dictionary)
-        times.sort()
-        res["ms_median_bs1"] = statistics.median(times)
-        res["ms_p90_bs1"] = times[min(len(times) - 1, int(0.9 * len(times)))]
-        res["mean_output_tokens"] = tokens / len(ones)
-        big = batches(task, args.split, args.large_batch, args.max_sentences, device)
-        run_one(model, task, gen, big[0], floor)
-        sync(device)
-        t0 = time.perf_counter()
-        n = 0
-        for sample in big:
-            run_one(model, task, gen, sample, floor)
-            n += sample["nsentences"]
-        sync(device)
-        res[f"sent_per_s_bs{args.large_batch}"] = n / (time.perf_counter() - t0)
-        for bs in args.memory_batches:
-            sample = batches(task, args.split, bs, bs, device)[0]
-            record = {}
-            with peak_memory(device, record):
+            count = 0
+            for sample in big:
                 run_one(model, task, gen, sample, floor)
-            res[f"peak_mib_bs{bs}"] = record["peak_mib"]
-    return res
+                count += sample["nsentences"]
+            sync(device)
+            res[f"sent_per_s_bs{args.large_batch}"] = count / (time.perf_counter() - t0)
+            for bs in args.memory_batches:
+                sample = batches(task, args.split, bs, bs, device)[0]
+                record = {}
+                with peak_memory(device, record):
+                    run_one(model, task, gen, sample, floor)
+                res[f"peak_mib_bs{bs}"] = record["peak_mib"]
+                res[f"sentences_in_bs{bs}"] = sample["nsentences"]
+    return results
 
 
 def table(results, large_batch, memory_batches):
@@ -344,7 +358,7 @@ def main():
     report = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "tables": []}
     for length in args.lengths or [None]:
         args.length = length
-        results = [measure(*s, args, device) for s in systems(args, device, dtype)]
+        results = measure_all(systems(args, device, dtype), args, device)
         title = f"output length {'forced to ' + str(length) if length else 'chosen by each system'}"
         print(f"\n== {title} ({device}, {args.dtype}, {torch.get_num_threads()} threads)")
         print(table(results, args.large_batch, args.memory_batches))
