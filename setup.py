@@ -11,8 +11,9 @@ setup(
     install_requires=[
         # provides the `fairseq` package; the 0.12.2 release does not import on Python 3.11
         "fairseq-fixed==0.12.3.1",
-        # any torch fairseq 0.12 runs on; the Makefile installs 2.13.0 (CPU) only when none is present
-        "torch>=1.13",
+        # >= 2.6: torch.load defaults to weights_only=True, which safe_checkpoint.py builds on;
+        # the Makefile installs 2.13.0 (CPU) only when no torch is present
+        "torch>=2.6",
         "numpy",
         "sentencepiece",
         "sacremoses",

@@ -7,6 +7,7 @@ returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
 """
 
 import atexit
+import io
 import collections
 import logging
 import re
@@ -99,7 +100,14 @@ class NATEarlyExitTask(TranslationTask):
             )
 
     def build_tokenizer(self, args):
-        """fairseq's tokenizer (or none) behind a check that input text is valid UTF-8."""
+        """fairseq's tokenizer (or none) behind a check that input text is valid UTF-8.
+
+        fairseq-interactive builds it before reading stdin; stdin is switched to
+        surrogateescape here so that a bad byte reaches the guard (replaced, counted,
+        logged) instead of raising UnicodeDecodeError inside Python's reader."""
+        stdin = sys.stdin
+        if isinstance(stdin, io.TextIOWrapper) and stdin.errors == "strict":
+            stdin.reconfigure(errors="surrogateescape")
         return Utf8Guard(super().build_tokenizer(args))
 
     def build_model(self, cfg, from_checkpoint=False):

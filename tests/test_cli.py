@@ -108,6 +108,23 @@ def test_interactive(trained):
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 2
 
 
+def test_interactive_non_utf8_input_is_replaced_and_logged(trained):
+    """A strict UTF-8 stdin (PYTHONIOENCODING=utf-8) with a Latin-1 byte: every line still gets a
+    hypothesis, and the bad line is reported instead of a UnicodeDecodeError traceback."""
+    tmp, dest, ckpt, _ = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_cli.interactive", str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"),
+         "--task", "nat_early_exit", "--path", str(ckpt / "checkpoint_last.pt"), "--cpu",
+         "--source-lang", "src", "--target-lang", "tgt"],
+        input=b"Return the caf\xe9 number .\nRemove a section .\n", capture_output=True, cwd=REPO,
+        env=dict(os.environ, PYTHONIOENCODING="utf-8"),
+    )
+    out = proc.stdout.decode("utf-8", "replace") + proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 2
+    assert "input line 1 is not valid UTF-8: 1 undecodable byte(s) replaced by U+FFFD" in out
+
+
 def test_generate_refuses_a_code_payload_checkpoint(trained, tmp_path):
     _, dest, _, _ = trained
     marker = tmp_path / "pwned"
