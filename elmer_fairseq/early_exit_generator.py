@@ -60,7 +60,7 @@ class EarlyExitGenerator:
         collapse: remove consecutive duplicate tokens after generation.
     """
 
-    def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True):
+    def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False):
         if exit_threshold is not None and exit_threshold < 0:
             raise ValueError(f"--exit-threshold must be >= 0, got {exit_threshold}")
         self.tgt_dict = tgt_dict
@@ -69,6 +69,8 @@ class EarlyExitGenerator:
         self.exit_threshold = exit_threshold
         self.collapse = collapse
         self.retain_exit_layers = retain_exit_layers
+        self.compile = compile
+        self._compiled = {}  # id(model) -> torch.compile'd last-layer forward
         # never emitted: they carry no text
         self.banned = sorted({tgt_dict.pad(), tgt_dict.bos(), tgt_dict.index("<mask>")})
 
@@ -91,6 +93,12 @@ class EarlyExitGenerator:
         """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
         canvas = model.initialize_canvas(src_lengths)
         policy = self.make_policy(model)
+        if self.compile and type(policy) is LastLayerExit:
+            logits = self._compiled_forward(model)(src_tokens, src_lengths, canvas).float()
+            scores, tokens = best_tokens(logits, self.banned)
+            pad = canvas.eq(self.pad)
+            exit_layers = torch.full_like(canvas, model.num_exit_layers).masked_fill(pad, 0)
+            return tokens.masked_fill(pad, self.pad), scores, exit_layers
         states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
         exit_layers = extra["exit_layers"]
         if isinstance(policy, EntropyExit):
@@ -101,6 +109,19 @@ class EarlyExitGenerator:
         pad = canvas.eq(self.pad)
         tokens = tokens.masked_fill(pad, self.pad)
         return tokens, scores, exit_layers
+
+    def _compiled_forward(self, model):
+        """torch.compile of encoder + decoder + last off-ramp (--compile), built once per model;
+        dynamic shapes, so new source/canvas lengths do not each recompile."""
+        key = id(model)
+        if key not in self._compiled:
+
+            def forward(src_tokens, src_lengths, canvas):
+                states, _ = model(src_tokens, src_lengths, canvas)
+                return model.decoder.off_ramp(states, model.num_exit_layers)
+
+            self._compiled[key] = torch.compile(forward, dynamic=True)
+        return self._compiled[key]
 
     @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
     def generate(self, models, sample, prefix_tokens=None, constraints=None, **kwargs):

@@ -40,6 +40,13 @@ class NATEarlyExitConfig(TranslationConfig):
     collapse_repeats: bool = field(
         default=False, metadata={"help": "remove consecutive duplicate tokens from generated hypotheses"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "generation: torch.compile the encoder + decoder + last off-ramp for last-layer decoding "
+            "(low-latency serving); the first batches compile (seconds to minutes); hard/soft exit unchanged"
+        },
+    )
     eval_rouge: bool = field(
         default=False,
         metadata={
@@ -175,6 +182,7 @@ class NATEarlyExitTask(TranslationTask):
             self.target_dictionary,
             exit_threshold=self.cfg.exit_threshold,
             collapse=self.cfg.collapse_repeats,
+            compile=self.cfg.compile,
         )
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):

@@ -10,7 +10,8 @@ Systems, all on the same test inputs: ELMER (elmer_nat) at the last layer, with 
 --thresholds δ, and soft exit (--elmer-soft); fairseq's autoregressive ``transformer`` with greedy and
 beam-4 incremental decoding (SequenceGenerator); fairseq's ``nonautoregressive_transformer`` (one pass,
 length prediction; IterativeRefinementGenerator with max_iter 0); and the floor: one bare encoder +
-decoder forward pass of the same ELMER model (+ last off-ramp and argmax), no generator around it.
+decoder forward pass of the same ELMER model (+ last off-ramp and argmax), no generator around it;
+with --compile also ELMER's generator with torch.compile (warm-up compiles it).
 
 Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, with
 CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
@@ -146,6 +147,9 @@ def systems(args, device, dtype):
         tgt = task.target_dictionary
         out.append(("ELMER floor (bare forward)", model, task, Floor(), True))
         out.append(("ELMER last layer", model, task, EarlyExitGenerator(tgt, exit_threshold=0.0), False))
+        if args.compile:
+            gen = EarlyExitGenerator(tgt, exit_threshold=0.0, compile=True)
+            out.append(("ELMER last layer --compile", model, task, gen, False))
         for delta in args.thresholds:
             out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
     if args.elmer_soft:
@@ -341,6 +345,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--large-batch", type=int, default=64)
     p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 32, 128])
+    p.add_argument("--compile", action="store_true", help="also time ELMER with the --compile generator")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
