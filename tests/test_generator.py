@@ -125,3 +125,22 @@ def test_best_tokens_equals_log_softmax_then_ban_then_max():
     scores, tokens = best_tokens(logits.clone(), [1, 2])
     assert torch.equal(tokens, ref_tokens) and not tokens.eq(2).any()
     assert torch.allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_compile_path_matches_the_plain_generator(task, monkeypatch):
+    """--compile runs encoder + decoder + last off-ramp as one compiled function; its hypotheses must
+    equal the plain generator's. (Compiled with dynamo's eager backend here: CI tests the wiring,
+    scripts/benchmark.py --compile measures inductor.)"""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=True))
+    model = make_model(task)
+    sample = make_sample(task, ["the cat sat on the mat", "a dog ran"], ["cat", "dog"])
+    d = task.target_dictionary
+    plain = EarlyExitGenerator(d, exit_threshold=0.0).generate([model], sample)
+    compiled_gen = EarlyExitGenerator(d, exit_threshold=0.0, compile=True)
+    compiled = compiled_gen.generate([model], sample)
+    assert len(compiled_gen._compiled) == 1
+    for a, b in zip(plain, compiled):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
+        assert torch.equal(a[0]["exit_layers"], b[0]["exit_layers"])
+        assert torch.allclose(a[0]["positional_scores"], b[0]["positional_scores"], atol=1e-6)
