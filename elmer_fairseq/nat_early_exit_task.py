@@ -22,7 +22,6 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .early_exit_generator import EarlyExitGenerator
 from .elmer_nat_model import MASK_SYMBOL
-from .score import rouge
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +125,8 @@ class NATEarlyExitTask(TranslationTask):
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         if self.cfg.eval_rouge:
+            from .score import rouge  # here, so `python -m elmer_fairseq.score` finds it not yet imported
+
             hypos = self.inference_step(self._eval_generator, [model], sample)
             pad = self.tgt_dict.pad()
             hyps = [self._eval_text(h[0]["tokens"]) for h in hypos]
