@@ -139,3 +139,52 @@ def test_recipe_end_to_end(dataset, tmp_path):
     for column in COLUMNS[dataset]:
         assert column in scores, scores
     assert f"sentences {n_test}" in scores
+
+
+def write_tiny_gpt2_bpe(folder):
+    """A tiny byte-level GPT-2 BPE in the released file formats: encoder.json (the 256 byte symbols and
+    three merges), vocab.bpe, and a fairseq dict.txt over all its ids (as BART's lists GPT-2 ids)."""
+    from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
+
+    folder.mkdir()
+    symbols = list(bytes_to_unicode().values())
+    merges = [("\u0120", "t"), ("h", "e"), ("\u0120t", "he")]
+    vocab = {sym: i for i, sym in enumerate(symbols)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    (folder / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    (folder / "dict.txt").write_text("".join(f"{i} {1000 - i % 7}\n" for i in range(len(vocab))), encoding="utf-8")
+
+
+def test_gpt2_bpe_round_trip(tmp_path):
+    write_tiny_gpt2_bpe(tmp_path / "gpt2")
+    text = "the theme of the day: caf\u00e9 ok."
+    (tmp_path / "in.txt").write_text(text + "\n\n", encoding="utf-8")
+    flags = ["--encoder-json", str(tmp_path / "gpt2" / "encoder.json"), "--vocab-bpe", str(tmp_path / "gpt2" / "vocab.bpe")]
+    for args in ([str(tmp_path / "in.txt"), str(tmp_path / "ids.txt")], ["--decode", str(tmp_path / "ids.txt"), str(tmp_path / "out.txt")]):
+        out = subprocess.run([sys.executable, "scripts/gpt2_bpe.py", *flags, *args], cwd=REPO, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    ids = (tmp_path / "ids.txt").read_text().splitlines()
+    assert "258" in ids[0].split() and ids[1] == ""  # " the" merged into one symbol; blank line kept
+    assert (tmp_path / "out.txt").read_text().splitlines() == [text, ""]
+
+
+def test_recipe_with_gpt2_bpe_and_a_bart_dictionary(tmp_path):
+    """The GPT2_BPE_DIR route (the one for BART-base / released ELMER weights) through all stages."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_xsum_official(raw)
+    write_tiny_gpt2_bpe(tmp_path / "gpt2")
+    env = dict(os.environ, CPU="1", ARCH="elmer_nat_tiny", MAX_UPDATE="3", MAX_EPOCH="1", BATCH="8",
+               DATA_ROOT=str(tmp_path / "data-bin"), SAVE_DIR=str(tmp_path / "ckpt"), EXTRA_TRAIN_FLAGS=TINY,
+               WORKERS="1", GPT2_BPE_DIR=str(tmp_path / "gpt2"))
+    out = subprocess.run(["bash", "scripts/xsum.sh", "all", str(raw)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "data-bin" / "xsum" / "bpe").read_text().strip() == "gpt2"
+    # the binarized dictionary is BART's (here: the tiny one), in its order
+    assert (tmp_path / "data-bin" / "xsum" / "dict.src.txt").read_text() == (tmp_path / "gpt2" / "dict.txt").read_text()
+    gen = (tmp_path / "ckpt" / "generate-test.txt").read_text()
+    targets = re.findall(r"^T-\d+\t(.*)$", gen, re.M)
+    assert len(targets) == 6 and all(not re.fullmatch(r"[\d ]+", t) for t in targets)  # decoded text, not ids
+    assert "ROUGE-L" in (tmp_path / "ckpt" / "score-test.txt").read_text()
