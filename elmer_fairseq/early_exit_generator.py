@@ -92,23 +92,20 @@ class EarlyExitGenerator:
     def decode(self, model, src_tokens, src_lengths):
         """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
         canvas = model.initialize_canvas(src_lengths)
+        pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
         if self.compile and type(policy) is LastLayerExit:
-            logits = self._compiled_forward(model)(src_tokens, src_lengths, canvas).float()
-            scores, tokens = best_tokens(logits, self.banned)
-            pad = canvas.eq(self.pad)
-            exit_layers = torch.full_like(canvas, model.num_exit_layers).masked_fill(pad, 0)
-            return tokens.masked_fill(pad, self.pad), scores, exit_layers
-        states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
-        exit_layers = extra["exit_layers"]
-        if isinstance(policy, EntropyExit):
+            logits = self._compiled_forward(model)(src_tokens, src_lengths, canvas)
+            exit_layers = LastLayerExit.exit_layers(pad, model.num_exit_layers)
+        else:
+            states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
+            exit_layers = extra["exit_layers"]
+            logits = None if isinstance(policy, EntropyExit) else model.decoder.off_ramp(states, model.num_exit_layers)
+        if logits is None:  # hard exit read each token at its own exit layer already
             tokens, scores = policy.tokens.t(), policy.scores.t()
         else:
-            logits = model.decoder.off_ramp(states, model.num_exit_layers).float()
-            scores, tokens = best_tokens(logits, self.banned)
-        pad = canvas.eq(self.pad)
-        tokens = tokens.masked_fill(pad, self.pad)
-        return tokens, scores, exit_layers
+            scores, tokens = best_tokens(logits.float(), self.banned)
+        return tokens.masked_fill(pad, self.pad), scores, exit_layers
 
     def _compiled_forward(self, model):
         """torch.compile of encoder + decoder + last off-ramp (--compile), built once per model;

@@ -397,8 +397,7 @@ class ElmerDecoder(FairseqDecoder):
         for layer in self.layers:
             x, _, _ = layer(x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)
         states = x.transpose(0, 1).masked_fill(pad[..., None], 0.0)
-        exit_layers = torch.full_like(pad, num_layers, dtype=torch.long).masked_fill(pad, 0)
-        return states, exit_layers
+        return states, LastLayerExit.exit_layers(pad, num_layers)
 
 
 def init_soft_mix(weight, dim):

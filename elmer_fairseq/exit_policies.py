@@ -61,6 +61,11 @@ class LastLayerExit(ExitPolicy):
     def exit_now(self, layer, states, decoder):
         return torch.zeros(states.shape[:2], dtype=torch.bool, device=states.device)
 
+    @staticmethod
+    def exit_layers(pad, num_layers: int):
+        """The exit layers of a last-layer pass, shaped like ``pad``: L everywhere, 0 at padding."""
+        return torch.full_like(pad, num_layers, dtype=torch.long).masked_fill(pad, 0)
+
 
 class AssignedExit(ExitPolicy):
     """Exit layers fixed in advance, shape (B, T), values in 1..L (Eq. 9)."""

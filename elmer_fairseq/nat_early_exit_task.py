@@ -7,8 +7,8 @@ returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
 """
 
 import atexit
-import io
 import collections
+import io
 import logging
 import re
 import sys

@@ -136,14 +136,17 @@ def systems(args, device, dtype):
     length = args.length
 
     def place(model):
-        model = model.to(device=device, dtype=dtype).eval()
-        return model
+        return model.to(device=device, dtype=dtype).eval()
 
-    if args.elmer or args.size:
-        model, task = load(args.elmer, args.data) if args.elmer else untrained("elmer", args.data, args.size)
+    def elmer(path):
+        model, task = load(path, args.data) if path else untrained("elmer", args.data, args.size)
         model = place(model)
         if length is not None:  # the canvas holds exactly length + 1 slots (y + </s>)
             model.cfg.canvas_len_a, model.cfg.canvas_len_b = 0.0, length + 1
+        return model, task
+
+    if args.elmer or args.size:
+        model, task = elmer(args.elmer)
         tgt = task.target_dictionary
         out.append(("ELMER floor (bare forward)", model, task, Floor(), True))
         out.append(("ELMER last layer", model, task, EarlyExitGenerator(tgt, exit_threshold=0.0), False))
@@ -153,10 +156,7 @@ def systems(args, device, dtype):
         for delta in args.thresholds:
             out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
     if args.elmer_soft:
-        model, task = load(args.elmer_soft, args.data)
-        model = place(model)
-        if length is not None:
-            model.cfg.canvas_len_a, model.cfg.canvas_len_b = 0.0, length + 1
+        model, task = elmer(args.elmer_soft)
         out.append(("ELMER soft", model, task, EarlyExitGenerator(task.target_dictionary), False))
     for kind in ("nat", "ar"):
         path = getattr(args, kind)
