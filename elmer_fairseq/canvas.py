@@ -65,3 +65,14 @@ def align_targets(target, canvas, pad_idx: int, eos_idx: int, post_eos: str, lon
         loss_mask &= ~is_long[:, None]
     targets = targets.masked_fill(~slots, pad_idx)
     return targets, loss_mask, is_long.sum()
+
+
+def canvas_rule_from_targets(target_lengths, percentile: float = 0.99):
+    """The data-driven canvas rule the recipes use: ``(a, b) = (0, p-th percentile of the training
+    targets' length in pieces + 1 for </s>)``. ``target_lengths`` are piece counts without </s>.
+    Returns ``(a, b, mean)``; longer targets are counted in training as ``long_targets``."""
+    lengths = sorted(int(n) + 1 for n in target_lengths)
+    if not lengths:
+        raise ValueError("no training targets to derive the canvas length from")
+    b = lengths[min(len(lengths) - 1, int(percentile * len(lengths)))]
+    return 0, b, sum(lengths) / len(lengths)

@@ -13,7 +13,9 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import EntropyExit, LastLayerExit, SoftExit
+from .exit_policies import EntropyExit, LastLayerExit, banned_tokens, generation_policy
+
+LENGTH_RULES = ("first-eos", "mode", "median")
 
 
 def cut_at_first_eos(tokens, eos: int, pad: int):
@@ -45,12 +47,60 @@ def collapse_repeats(tokens, lengths, *aligned):
     return (gathered[0], keep.sum(1)) + tuple(gathered[1:])
 
 
-def best_tokens(logits, banned):
+def best_tokens(logits, banned, eos=None):
     """The argmax token outside ``banned`` and its log-probability under the full softmax,
-    without materialising log_softmax over the vocabulary (``logits`` is overwritten)."""
+    without materialising log_softmax over the vocabulary (``logits`` is overwritten).
+    With ``eos``: ``(scores, tokens, eos_scores)``, the argmax excluding ``eos`` and log p(``eos``)."""
     log_norm = torch.logsumexp(logits, dim=-1)
+    eos_scores = logits[..., eos] - log_norm if eos is not None else None
+    banned = list(banned) + ([eos] if eos is not None else [])
     best, tokens = logits.index_fill_(-1, logits.new_tensor(banned, dtype=torch.long), float("-inf")).max(-1)
-    return best - log_norm, tokens
+    if eos is None:
+        return best - log_norm, tokens
+    return best - log_norm, tokens, eos_scores
+
+
+def length_log_probs(eos_scores, valid, post_eos: str):
+    """log P(output length = i + 1) for each canvas position i (B, T), the length counting ``</s>``,
+    read from the per-position log p(``</s>``) the way the model was trained (``--post-eos``):
+
+    - ``pad``: the positions after ``</s>`` learn ``<pad>``, so p_i(``</s>``) is P(L = i + 1) itself;
+    - ``ignore``: positions after ``</s>`` are untrained, so p_i(``</s>``) is the hazard
+      h_i = P(L = i + 1 | L > i): P(L = i + 1) = h_i prod_{j<i} (1 - h_j);
+    - ``eos``: positions after ``</s>`` learn ``</s>``, so p_i(``</s>``) is the CDF F_i = P(L <= i + 1)
+      (made monotone): P(L = i + 1) = F_i - F_{i-1}.
+
+    The canvas ends every output: the last valid slot takes the mass left (ignore, eos). Invalid
+    (padding) positions get -inf.
+    """
+    neg_inf = torch.finfo(eos_scores.dtype).min
+    last = valid & ~F.pad(valid[:, 1:], (0, 1), value=False)
+    if post_eos == "pad":
+        out = eos_scores
+    elif post_eos == "ignore":
+        log_stay = torch.log1p(-eos_scores.exp().clamp(max=1 - 1e-6))
+        before = F.pad(log_stay.cumsum(1)[:, :-1], (1, 0))
+        out = torch.where(last, before, eos_scores + before)
+    elif post_eos == "eos":
+        cdf = torch.cummax(eos_scores.exp(), dim=1).values
+        prev = F.pad(cdf[:, :-1], (1, 0))
+        out = torch.where(last, 1 - prev, cdf - prev).clamp(min=1e-12).log()
+    else:
+        raise ValueError(f"--post-eos must be one of pad, ignore, eos; got {post_eos!r}")
+    return out.masked_fill(~valid, neg_inf)
+
+
+def choose_lengths(eos_scores, valid, post_eos: str, rule: str):
+    """Output lengths (B,), ``</s>`` included, from the length distribution (``length_log_probs``):
+    ``mode``: its most probable length; ``median``: the first length whose cumulative probability
+    reaches one half."""
+    lp = length_log_probs(eos_scores.float(), valid, post_eos)
+    if rule == "mode":
+        return lp.argmax(1) + 1
+    probs = lp.exp() * valid
+    cdf = probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)
+    reached = (cdf >= 0.5) & valid
+    return reached.float().argmax(1) + 1
 
 
 class EarlyExitGenerator:
@@ -58,11 +108,19 @@ class EarlyExitGenerator:
         exit_threshold: δ for hard exit; None: the model's own strategy (``--early-exit``),
             0: every token at the last layer.
         collapse: remove consecutive duplicate tokens after generation.
+        length_rule: where the output ends (``LENGTH_RULES``): ``first-eos``, the first position whose
+            argmax is ``</s>`` (after ``eos_penalty`` is taken off its log-probability); ``mode`` /
+            ``median``, the most probable / median length of the distribution the per-position
+            p(``</s>``) defines (``length_log_probs``); the positions before it take their best
+            token other than ``</s>``. Never the reference: one pass, no length predictor.
     """
 
-    def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False):
+    def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
+                 length_rule="first-eos", eos_penalty=0.0):
         if exit_threshold is not None and exit_threshold < 0:
             raise ValueError(f"--exit-threshold must be >= 0, got {exit_threshold}")
+        if length_rule not in LENGTH_RULES:
+            raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
         self.pad = tgt_dict.pad()
@@ -70,27 +128,23 @@ class EarlyExitGenerator:
         self.collapse = collapse
         self.retain_exit_layers = retain_exit_layers
         self.compile = compile
+        self.length_rule = length_rule
+        self.eos_penalty = eos_penalty
         self._compiled = {}  # id(model) -> torch.compile'd last-layer forward
         # never emitted: they carry no text
-        self.banned = sorted({tgt_dict.pad(), tgt_dict.bos(), tgt_dict.index("<mask>")})
+        self.banned = banned_tokens(tgt_dict)
 
     def make_policy(self, model):
         """The exit rule: --exit-threshold if given, else the checkpoint's --early-exit strategy."""
-        strategy = model.cfg.early_exit
-        if strategy == "soft":
-            if self.exit_threshold:
-                raise ValueError("--exit-threshold does not apply to a model trained with --early-exit soft")
-            return SoftExit(banned=self.banned)
         threshold = self.exit_threshold
-        if threshold is None and strategy == "hard":
+        if threshold is None and model.cfg.early_exit == "hard":
             threshold = model.cfg.model_exit_threshold
-        if threshold:
-            return EntropyExit(threshold, banned=self.banned)
-        return LastLayerExit()
+        return generation_policy(model.cfg.early_exit, threshold, self.banned, eos=self.eos)
 
     @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
     def decode(self, model, src_tokens, src_lengths):
-        """Tokens, scores and exit layers (each (B, T)) of the whole canvas."""
+        """Tokens, scores and exit layers (each (B, T)) of the whole canvas, and the output lengths
+        (B,) under the length rule; tokens hold ``</s>`` at each output's end."""
         canvas = model.initialize_canvas(src_lengths)
         pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
@@ -102,10 +156,21 @@ class EarlyExitGenerator:
             exit_layers = extra["exit_layers"]
             logits = None if isinstance(policy, EntropyExit) else model.decoder.off_ramp(states, model.num_exit_layers)
         if logits is None:  # hard exit read each token at its own exit layer already
-            tokens, scores = policy.tokens.t(), policy.scores.t()
+            tokens, scores, eos_scores = policy.tokens.t(), policy.scores.t(), policy.eos_scores.t()
         else:
-            scores, tokens = best_tokens(logits.float(), self.banned)
-        return tokens.masked_fill(pad, self.pad), scores, exit_layers
+            scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos)
+        positions = torch.arange(tokens.size(1), device=tokens.device)[None, :]
+        if self.length_rule == "first-eos":
+            is_eos = (eos_scores - self.eos_penalty > scores) & ~pad
+            tokens = torch.where(is_eos, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
+            scores = torch.where(is_eos, eos_scores, scores)
+            lengths = cut_at_first_eos(tokens, self.eos, self.pad)
+        else:
+            lengths = choose_lengths(eos_scores, ~pad, model.cfg.post_eos, self.length_rule)
+            end = positions.eq(lengths[:, None] - 1)
+            tokens = torch.where(end, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
+            scores = torch.where(end, eos_scores, scores)
+        return tokens, scores, exit_layers, lengths
 
     def _compiled_forward(self, model):
         """torch.compile of encoder + decoder + last off-ramp (--compile), built once per model;
@@ -135,8 +200,7 @@ class EarlyExitGenerator:
         if model.training:  # eval() walks every module: ~0.3 ms a call at batch size 1
             model.eval()
         net_input = sample["net_input"]
-        tokens, scores, exit_layers = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])
-        lengths = cut_at_first_eos(tokens, self.eos, self.pad)
+        tokens, scores, exit_layers, lengths = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])
         if self.collapse:
             tokens, lengths, scores, exit_layers = collapse_repeats(tokens, lengths, scores, exit_layers)
         # one host sync for the lengths; slicing below is not a sync

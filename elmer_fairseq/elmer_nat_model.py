@@ -350,7 +350,10 @@ class ElmerDecoder(FairseqDecoder):
         of every token t at its exit layer l_t (the state Eq. 9 scores), and
         ``extra["exit_layers"]`` (B, T) the l_t (0 at padding). With
         ``return_all_hiddens``, ``extra["inner_states"]`` lists the (T, B, C)
-        states after the embedding and after each layer that ran.
+        states after the embedding and after each layer that ran (an exited
+        token's carried state), and ``extra["layer_outputs"]`` each layer's
+        own output for every token (exited ones included: what that layer's
+        off-ramp would read there).
         """
         policy = policy if policy is not None else LastLayerExit()
         num_layers = len(self.layers)
@@ -363,12 +366,13 @@ class ElmerDecoder(FairseqDecoder):
 
         if type(policy) is LastLayerExit and not return_all_hiddens:
             states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
-            return states, {"exit_layers": exit_layers, "inner_states": None, "policy": policy}
+            return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "policy": policy}
 
         done = pad.t()  # (T, B): padding counts as exited
         exit_layer = torch.zeros_like(done, dtype=torch.long)
         exit_state = torch.zeros_like(x)
         inner_states = [x] if return_all_hiddens else None
+        layer_outputs = [] if return_all_hiddens else None
         for idx in range(last):
             layer = idx + 1
             y, _, _ = self.layers[idx](
@@ -383,11 +387,13 @@ class ElmerDecoder(FairseqDecoder):
             x = torch.where(done[..., None], carried, y)
             if return_all_hiddens:
                 inner_states.append(x)
+                layer_outputs.append(y)
             if layer < last:
                 if policy.may_stop_early and bool(done.all()):
                     break
                 x = policy.transform(layer, x, self)
-        extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "policy": policy}
+        extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "layer_outputs": layer_outputs,
+                 "policy": policy}
         return exit_state.transpose(0, 1), extra
 
 

@@ -21,6 +21,18 @@ Masks are laid out (T, B) like the decoder's hidden states.
 import torch
 
 
+MASK_SYMBOL = "<mask>"
+
+
+def banned_tokens(dictionary):
+    """Ids never emitted (they carry no text): ``<pad>``, ``<s>`` and ``<mask>``. Generation and the
+    soft-exit argmax in training both ban them, so the embeddings fed upward agree."""
+    ids = {dictionary.pad(), dictionary.bos()}
+    if MASK_SYMBOL in dictionary:
+        ids.add(dictionary.index(MASK_SYMBOL))
+    return sorted(ids)
+
+
 def ban_tokens(scores, banned):
     """``scores`` (..., V) with the ``banned`` token ids set to -inf: never chosen by an argmax."""
     if not banned:
@@ -91,19 +103,23 @@ class EntropyExit(ExitPolicy):
     keeps the argmax token and its log-probability at each token's exit
     layer, so the generator does not project the states a second time;
     ``banned`` token ids (``<pad>``, ``<s>``, ``<mask>``) are never predicted.
+    With ``eos``, the kept argmax excludes ``</s>`` and ``eos_scores`` keeps
+    log p(``</s>``) at the exit layer, for the generator's length rules.
     The entropy is that of the full off-ramp distribution.
     """
 
     may_stop_early = True
 
-    def __init__(self, threshold: float, banned=(), keep_predictions=True):
+    def __init__(self, threshold: float, banned=(), keep_predictions=True, eos=None):
         if threshold < 0:
             raise ValueError(f"--exit-threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self.banned = list(banned)
         self.keep_predictions = keep_predictions
+        self.eos = eos
         self.tokens = None
         self.scores = None
+        self.eos_scores = None
         self._lprobs = None
 
     def exit_now(self, layer, states, decoder):
@@ -119,12 +135,16 @@ class EntropyExit(ExitPolicy):
         if lprobs is None:  # the last layer: no exit test ran there
             with torch.no_grad():
                 lprobs = decoder.off_ramp_log_probs(states, layer)
-        scores, tokens = ban_tokens(lprobs, self.banned).max(-1)
+        banned = self.banned if self.eos is None else self.banned + [self.eos]
+        scores, tokens = ban_tokens(lprobs, banned).max(-1)
+        eos_scores = lprobs[..., self.eos] if self.eos is not None else None
         if self.tokens is None:
-            self.tokens, self.scores = tokens, scores
+            self.tokens, self.scores, self.eos_scores = tokens, scores, eos_scores
         else:
             self.tokens = torch.where(now, tokens, self.tokens)
             self.scores = torch.where(now, scores, self.scores)
+            if eos_scores is not None:
+                self.eos_scores = torch.where(now, eos_scores, self.eos_scores)
 
 
 class SoftExit(LastLayerExit):
@@ -160,3 +180,16 @@ class SoftExit(LastLayerExit):
                     use_gold &= self.gold_mask
                 tokens = torch.where(use_gold, self.gold, tokens)
         return decoder.soft_mix(tokens, states, layer)
+
+
+def generation_policy(strategy: str, threshold, banned, eos=None):
+    """The exit rule of one-pass generation for a model trained with ``--early-exit strategy``:
+    soft: ``SoftExit``; otherwise hard exit at ``threshold`` δ (``EntropyExit``) when it is set and
+    positive, else every token at the last layer. The generator and GLAT's first pass use it."""
+    if strategy == "soft":
+        if threshold:
+            raise ValueError("--exit-threshold does not apply to a model trained with --early-exit soft")
+        return SoftExit(banned=banned)
+    if threshold:
+        return EntropyExit(threshold, banned=banned, eos=eos)
+    return LastLayerExit()

@@ -17,7 +17,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
-from .exit_policies import EntropyExit, SoftExit
+from .exit_policies import EntropyExit, SoftExit, ban_tokens, banned_tokens, generation_policy
 
 
 @dataclass
@@ -27,6 +27,26 @@ class LPLMCriterionConfig(FairseqDataclass):
         metadata={"help": "exit-layer assignments drawn per sequence, run in one batched pass (paper: 10 in pre-training)"},
     )
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon, 0 for none"})
+    glat: bool = field(
+        default=False,
+        metadata={
+            "help": "glancing training (GLAT, Qian et al. 2021), with every exit strategy: a no-grad first pass "
+            "with the generation policy, then ratio x (Hamming distance to the reference) reference tokens, "
+            "at random positions, replace <mask> on the canvas; the loss is taken on the other positions. "
+            "Generation is unchanged (one pass from an all-<mask> canvas)"
+        },
+    )
+    glat_ratio: float = field(
+        default=0.5, metadata={"help": "glancing ratio at the first update (fraction of the Hamming distance revealed)"}
+    )
+    glat_ratio_end: float = field(
+        default=0.3, metadata={"help": "glancing ratio reached, linearly, at --glat-anneal-updates"}
+    )
+    glat_anneal_updates: int = field(
+        default=0,
+        metadata={"help": "updates over which the glancing ratio anneals from --glat-ratio to --glat-ratio-end "
+                  "(e.g. --max-update); 0: --glat-ratio throughout"},
+    )
 
 
 def sample_exit_layers(canvas, num_layers: int, k: int, generator=None):
@@ -39,14 +59,34 @@ def sample_exit_layers(canvas, num_layers: int, k: int, generator=None):
 
 @register_criterion("lplm", dataclass=LPLMCriterionConfig)
 class LPLMCriterion(FairseqCriterion):
-    def __init__(self, task, lplm_samples=1, label_smoothing=0.0):
+    def __init__(self, task, lplm_samples=1, label_smoothing=0.0, glat=False, glat_ratio=0.5, glat_ratio_end=0.3,
+                 glat_anneal_updates=0):
         super().__init__(task)
         if lplm_samples < 1:
             raise ValueError(f"--lplm-samples must be >= 1, got {lplm_samples}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
+        for flag, value in (("--glat-ratio", glat_ratio), ("--glat-ratio-end", glat_ratio_end)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{flag} must lie in [0, 1], got {value}")
         self.k = lplm_samples
         self.eps = label_smoothing
+        self.glat = glat
+        self.glat_ratio = glat_ratio
+        self.glat_ratio_end = glat_ratio_end
+        self.glat_anneal_updates = glat_anneal_updates or 0
+        self.num_updates = 0
+        self.banned = banned_tokens(task.target_dictionary)
+
+    def set_num_updates(self, num_updates):
+        """Called by the task before every training step (the glancing ratio anneals with it)."""
+        self.num_updates = num_updates
+
+    def glancing_ratio(self):
+        if self.glat_anneal_updates <= 0:
+            return self.glat_ratio
+        frac = min(self.num_updates / self.glat_anneal_updates, 1.0)
+        return self.glat_ratio + frac * (self.glat_ratio_end - self.glat_ratio)
 
     def forward(self, model, sample, reduce=True, exit_layers=None):
         """Loss of one batch under the model's --early-exit strategy.
@@ -61,6 +101,9 @@ class LPLMCriterion(FairseqCriterion):
             sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
         )
         strategy = model.cfg.early_exit
+        revealed = None
+        if self.glat and model.training:
+            canvas, mask, revealed = self._glance(model, src_tokens, src_lengths, canvas, targets, mask)
         if exit_layers is not None or strategy == "lplm":
             loss, nll_loss, layer_sum, k = self._lplm(model, src_tokens, src_lengths, canvas, targets, mask, exit_layers)
         elif self.k != 1:
@@ -82,7 +125,35 @@ class LPLMCriterion(FairseqCriterion):
             "exit_layer_sum": layer_sum / k,
             "long_targets": n_long,
         }
+        if revealed is not None:
+            logging_output["glat_revealed"] = revealed.sum().data
+            logging_output["glat_ratio_x1000"] = 1000 * self.glancing_ratio() * src_tokens.size(0)
         return loss / k, sample_size, logging_output
+
+    def _glance(self, model, src_tokens, src_lengths, canvas, targets, mask):
+        """Glancing sampling (GLAT): predict the canvas in one no-grad pass with the generation
+        policy of the model's strategy, count per sentence the trained positions it gets wrong
+        (Hamming distance d), and put the reference token on the canvas at ratio x d positions drawn
+        uniformly among the reference tokens. Returns (canvas, loss mask without the revealed
+        positions, revealed (B, T))."""
+        pad = self.task.target_dictionary.pad()
+        cfg = model.cfg
+        threshold = cfg.model_exit_threshold if cfg.early_exit == "hard" else None
+        policy = generation_policy(cfg.early_exit, threshold, self.banned)
+        with torch.no_grad():
+            states, _ = model(src_tokens, src_lengths, canvas, policy=policy)
+            if isinstance(policy, EntropyExit):
+                predicted = policy.tokens.t()
+            else:
+                logits = model.decoder.off_ramp(states, model.num_exit_layers)
+                predicted = ban_tokens(logits, self.banned).argmax(-1)
+            wrong = (predicted.ne(targets) & mask).sum(1)
+            n_reveal = (wrong.float() * self.glancing_ratio()).long()
+            candidates = mask & targets.ne(pad)
+            keys = torch.rand(canvas.shape, device=canvas.device).masked_fill(~candidates, 2.0)
+            rank = keys.argsort(1).argsort(1)
+            revealed = (rank < n_reveal[:, None]) & candidates
+        return torch.where(revealed, targets, canvas), mask & ~revealed, revealed
 
     def _nll(self, logits, target):
         lprobs = utils.log_softmax(logits, dim=-1)
@@ -113,14 +184,15 @@ class LPLMCriterion(FairseqCriterion):
     def _hard(self, model, src_tokens, src_lengths, canvas, targets, mask):
         """Hard early exit (Eq. 10) as at inference: each token's exit layer is the first whose
         off-ramp entropy is below δ (no gradient through the decision); the loss is taken there.
-        With --hard-all-layer-loss, the mean loss over the layers that ran is added."""
+        With --hard-all-layer-loss, the mean loss over the layers that ran is added, each layer scored
+        on its own output at every trained position (exited tokens included)."""
         policy = EntropyExit(model.cfg.model_exit_threshold, keep_predictions=False)
         all_layers = model.cfg.hard_all_layer_loss
         states, extra = model(src_tokens, src_lengths, canvas, policy=policy, return_all_hiddens=all_layers)
         layers = extra["exit_layers"][mask]
         loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
         if all_layers:
-            per_layer = extra["inner_states"][1:]
+            per_layer = extra["layer_outputs"]
             for layer, h in enumerate(per_layer, start=1):
                 l_loss, _ = self._nll(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer), targets[mask])
                 loss = loss + l_loss / len(per_layer)
@@ -134,6 +206,7 @@ class LPLMCriterion(FairseqCriterion):
             gold_mask=mask,
             gold_prob=model.cfg.soft_gold_prob if model.training else 0.0,
             keep_logits=True,
+            banned=self.banned,  # as in generation: the next layer sees the embedding generation feeds it
         )
         states, _ = model(src_tokens, src_lengths, canvas, policy=policy)
         L = model.num_exit_layers
@@ -156,6 +229,11 @@ class LPLMCriterion(FairseqCriterion):
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         metrics.log_scalar("exit_layer", total("exit_layer_sum") / denom, sample_size, round=2)
         metrics.log_scalar_sum("long_targets", total("long_targets"))
+        if any("glat_revealed" in log for log in logging_outputs):
+            nsentences = max(total("nsentences"), 1)
+            metrics.log_scalar("glat_ratio", total("glat_ratio_x1000") / 1000 / nsentences, nsentences, round=3)
+            revealed = total("glat_revealed")
+            metrics.log_scalar("glat_revealed", revealed / max(revealed + sample_size, 1), sample_size, round=3)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

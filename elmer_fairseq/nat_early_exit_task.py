@@ -17,10 +17,11 @@ from typing import Optional
 
 import numpy as np
 from fairseq import metrics, utils
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .early_exit_generator import EarlyExitGenerator
+from .early_exit_generator import LENGTH_RULES, EarlyExitGenerator
 from .elmer_nat_model import MASK_SYMBOL
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,21 @@ class NATEarlyExitConfig(TranslationConfig):
     )
     collapse_repeats: bool = field(
         default=False, metadata={"help": "remove consecutive duplicate tokens from generated hypotheses"}
+    )
+    length_rule: ChoiceEnum(LENGTH_RULES) = field(
+        default="first-eos",
+        metadata={
+            "help": "generation: where each output ends, read from the per-position p(</s>) of the one pass "
+            "(never the reference): first-eos, the first position whose argmax is </s>; mode / median, the "
+            "most probable / median length of the length distribution those probabilities define "
+            "(interpreted by the checkpoint's --post-eos); the positions before it take their best token "
+            "other than </s>"
+        },
+    )
+    eos_penalty: float = field(
+        default=0.0,
+        metadata={"help": "generation, --length-rule first-eos: subtract this from log p(</s>) before the argmax "
+                  "(> 0 gives longer outputs)"},
     )
     compile: bool = field(
         default=False,
@@ -122,6 +138,11 @@ class NATEarlyExitTask(TranslationTask):
             self._eval_generator = self.build_generator([model], None)
         return model
 
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):  # lplm: the glancing ratio anneals with the updates
+            criterion.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         if self.cfg.eval_rouge:
@@ -184,6 +205,8 @@ class NATEarlyExitTask(TranslationTask):
             exit_threshold=self.cfg.exit_threshold,
             collapse=self.cfg.collapse_repeats,
             compile=self.cfg.compile,
+            length_rule=self.cfg.length_rule,
+            eos_penalty=self.cfg.eos_penalty,
         )
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):

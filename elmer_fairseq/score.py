@@ -114,10 +114,43 @@ def meteor(hyps, refs, wordnet):
     return 100 * total / max(len(hyps), 1)
 
 
-def score(hyps, refs, task="default", wordnet=None):
-    """The metrics of ``task`` (see TASK_METRICS) plus the sentence count; all x100."""
+def collapse_words(text):
+    """``text`` without consecutive repeated words ("data files for for data" -> "data files for data"),
+    as the released ELMER evaluation post-processes its outputs."""
+    out = []
+    for word in text.split():
+        if not out or word != out[-1]:
+            out.append(word)
+    return " ".join(out)
+
+
+def text_shape(hyps, refs):
+    """Length and repetition of the hypotheses: ``length_ratio`` (hypothesis words / reference words,
+    corpus totals), ``repeat_rate`` (x100: share of hypothesis words equal to the word before) and the
+    mean words per hypothesis and reference."""
+    hyp_words = [h.split() for h in hyps]
+    n_hyp = sum(len(w) for w in hyp_words)
+    n_ref = sum(len(r.split()) for r in refs)
+    repeats = sum(sum(a == b for a, b in zip(w[1:], w[:-1])) for w in hyp_words)
+    n = max(len(hyps), 1)
+    return {
+        "length_ratio": n_hyp / max(n_ref, 1),
+        "repeat_rate": 100 * repeats / max(n_hyp, 1),
+        "hyp_words": n_hyp / n,
+        "ref_words": n_ref / n,
+    }
+
+
+_collapse = collapse_words
+
+
+def score(hyps, refs, task="default", wordnet=None, collapse_words=False):
+    """The metrics of ``task`` (see TASK_METRICS) plus the sentence count; all x100.
+    ``collapse_words``: remove consecutive repeated words from the hypotheses first."""
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    if collapse_words:
+        hyps = [_collapse(h) for h in hyps]
     wanted = TASK_METRICS[task]
     result = {}
     if any(m.startswith("ROUGE") for m in wanted):
@@ -167,6 +200,11 @@ def main(argv=None):
     parser.add_argument("--task", choices=sorted(TASK_METRICS), default="default",
                         help="the paper's metrics for this dataset (default: ROUGE-1/2/L and BLEU)")
     parser.add_argument("--wordnet", help="WordNet dict folder, for METEOR (squad_qg)")
+    parser.add_argument("--collapse-words", action="store_true",
+                        help="remove consecutive repeated words from the hypotheses before scoring (the released "
+                        "ELMER evaluation does); apply it to every system compared")
+    parser.add_argument("--shape", action="store_true",
+                        help="also print the hypothesis/reference length ratio and the repeated-word rate")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     wordnet = None
@@ -185,7 +223,9 @@ def main(argv=None):
             hyps, refs = [x.rstrip("\n") for x in h], [x.rstrip("\n") for x in r]
     else:
         parser.error("give --generate-log, or both --hyp and --ref")
-    result = score(hyps, refs, args.task, wordnet)
+    result = score(hyps, refs, args.task, wordnet, collapse_words=args.collapse_words)
+    if args.shape:
+        result.update(text_shape([_collapse(h) for h in hyps] if args.collapse_words else hyps, refs))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

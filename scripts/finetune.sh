@@ -19,6 +19,8 @@
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
 #   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
 #   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
+#   DISTILL        a distilled data-bin (scripts/distill.sh data-bin/$DATASET): train on the teacher's
+#                  outputs; validation, generation and scores still use the references
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
@@ -85,8 +87,10 @@ train() {
     init=(--finetune-from-model "$PRETRAINED"); lr=${LR:-2e-5}
   fi
   if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--eval-bleu-remove-bpe sentencepiece); fi
+  local train_data=${DISTILL:-$DATA}
+  [ -f "$train_data/train.src-tgt.tgt.idx" ] || { echo "$DATASET.sh: DISTILL=$train_data has no binarized train split" >&2; exit 1; }
   mkdir -p "$SAVE"
-  fairseq-train "$DATA" --user-dir elmer_fairseq \
+  fairseq-train "$train_data" --user-dir elmer_fairseq \
     --task nat_early_exit --arch "${ARCH:-elmer_nat}" --criterion lplm --early-exit "${EARLY_EXIT:-soft}" \
     --canvas-len-a "$CANVAS_A" --canvas-len-b "$CANVAS_B" \
     --max-source-positions "${MAX_SOURCE:-512}" --truncate-source \

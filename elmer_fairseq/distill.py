@@ -1,0 +1,57 @@
+"""Sequence-level knowledge distillation data (Kim & Rush, 2016) from a ``fairseq-generate`` log.
+
+``scripts/distill.sh`` beam-decodes a training split with an autoregressive teacher; this module turns
+that log into the ``(source, teacher output)`` pair files ``fairseq-preprocess`` binarizes::
+
+    python -m elmer_fairseq.distill GENERATE_LOG OUT_PREFIX --expect 50536
+
+writes ``OUT_PREFIX.src`` and ``OUT_PREFIX.tgt`` (pieces, one pair a line, in sentence-id order). Every
+id 0..N-1 must be there: a sentence the generator skipped is an error, not a silent drop.
+"""
+
+import argparse
+import re
+import sys
+
+_LINE = re.compile(r"^([SH])-(\d+)\t(.*)$")
+
+
+def pairs_from_generate_log(lines):
+    """``[(source, hypothesis)]`` by sentence id from S-/H- lines (the first H- of an id, the best)."""
+    src, hyp = {}, {}
+    for line in lines:
+        m = _LINE.match(line.rstrip("\n"))
+        if not m:
+            continue
+        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "S":
+            src[idx] = rest
+        elif idx not in hyp:  # "score<TAB>text"
+            hyp[idx] = rest.split("\t", 1)[1] if "\t" in rest else ""
+    missing = sorted(set(src) ^ set(hyp))
+    if missing:
+        raise ValueError(f"{len(missing)} sentence id(s) have a source or a hypothesis but not both, e.g. {missing[:5]}")
+    return [(src[i], hyp[i]) for i in sorted(src)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("generate_log", help="fairseq-generate output on the training split (no --post-process)")
+    p.add_argument("out_prefix", help="writes OUT_PREFIX.src and OUT_PREFIX.tgt")
+    p.add_argument("--expect", type=int, help="the number of training pairs; fewer is an error naming the gap")
+    args = p.parse_args(argv)
+    with open(args.generate_log, encoding="utf-8") as f:
+        pairs = pairs_from_generate_log(f)
+    if args.expect is not None and len(pairs) != args.expect:
+        sys.exit(f"distill: {args.generate_log} has {len(pairs)} pairs but the training split has {args.expect}: "
+                 "did fairseq-generate skip inputs (--skip-invalid-size-inputs-valid-test, max positions)?")
+    empty = sum(1 for _, h in pairs if not h.strip())
+    with open(args.out_prefix + ".src", "w", encoding="utf-8") as fs, open(args.out_prefix + ".tgt", "w", encoding="utf-8") as ft:
+        for s, h in pairs:
+            fs.write(s + "\n")
+            ft.write(h + "\n")
+    print(f"distill: {len(pairs)} pairs written to {args.out_prefix}.{{src,tgt}} ({empty} empty teacher outputs, kept)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Side-by-side quality harness: ELMER variants against the stock fairseq ``transformer``.
+
+    python scripts/compare.py ../shared/data/debsum --work runs/debsum            # everything
+    python scripts/compare.py RAW_DIR --systems ar,elmer-soft-kd --max-update 1800
+    bash scripts/compare.sh RAW_DIR                                              # the same
+
+RAW_DIR holds ``{train,valid}.{src,tgt}`` (plain or ``.xz``), one example a line, and optionally a
+sentencepiece ``*.model`` with its fairseq ``dict*.txt`` (else a sentencepiece model of ``--vocab``
+pieces is trained on the training split). Every system is trained by ``fairseq-train`` at the same
+size (``--size``), optimizer, batch and number of updates, with no validation during training (the
+last checkpoint is scored: nothing is picked on the split we report). Then ``fairseq-generate`` writes
+the valid split, ``elmer-score`` scores it, and one table is printed and written to
+``WORK/compare.{json,md}``:
+
+- R-1/R-2/R-L (rouge-score F1 x100, stemmed, on detokenized text), and R-L after removing consecutive
+  repeated words from every system's output alike (the released ELMER evaluation does this);
+- hypothesis/reference length ratio (words, corpus total) and the repeated-word rate (share of words
+  equal to the word before);
+- batch-1 ms per sentence (median, ``scripts/benchmark.py`` on the first ``--bs1-sentences``);
+- time-matched R-L: each ELMER system read at its last checkpoint (one every ``--save-every`` updates)
+  saved within the AR's training wall-clock.
+
+Systems whose name contains ``kd`` train on the AR's beam-4 outputs for the training split
+(``scripts/distill.sh`` with the AR as teacher). A stage whose output exists is not run again, so an
+interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
+"""
+
+import argparse
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIZES = {
+    # the debsum README's reference size: 3+3 layers, d=256, FFN 1024, 4 heads
+    "small": ["--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
+              "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+              "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+    "tiny": ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
+             "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
+}
+
+AR_TRAIN = ["--task", "translation", "--arch", "transformer", "--share-all-embeddings",
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
+               "--arch", "elmer_nat", "--criterion", "lplm", "--label-smoothing", "0.1"]
+
+# name -> (extra fairseq-train flags, decodes {label: extra fairseq-generate flags}); "kd" in the
+# name: trained on the distilled training split
+ELMER_DECODES = {
+    "first </s>": ["--length-rule", "first-eos"],
+    "most probable </s>": ["--length-rule", "mode"],
+}
+SYSTEMS = {
+    "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
+    "elmer-soft": (["--early-exit", "soft"], ELMER_DECODES),
+    "elmer-soft-pad": (["--early-exit", "soft", "--post-eos", "pad"], ELMER_DECODES),
+    "elmer-soft-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
+    "elmer-soft-kd": (["--early-exit", "soft"], ELMER_DECODES),
+    "elmer-soft-kd-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
+    "elmer-hard-kd-glat": (["--early-exit", "hard", "--glat"], ELMER_DECODES),
+    "elmer-lplm-kd-glat": (["--early-exit", "lplm", "--glat"], ELMER_DECODES),
+}
+DEFAULT_SYSTEMS = "ar,elmer-soft,elmer-soft-kd-glat"
+
+
+def log(msg):
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd, out=None, env=None):
+    """Run a command from the repository root; its output goes to ``out`` (a log file) if given."""
+    log(" ".join(cmd) if len(cmd) < 40 else " ".join(cmd[:40]) + " ...")
+    if out is None:
+        subprocess.run(cmd, check=True, cwd=REPO, env=env)
+        return
+    with open(out, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        with open(out) as f:
+            tail = f.readlines()[-15:]
+        raise SystemExit(f"command failed (exit {proc.returncode}), see {out}:\n" + "".join(tail))
+
+
+def tool(name):
+    """A console script of the interpreter's environment (fairseq-train, ...)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.exists(path) else name
+
+
+# ---------------------------------------------------------------- data
+
+def read_lines(raw, name, limit=None):
+    """Lines of RAW_DIR/name or RAW_DIR/name.xz (the first ``limit`` if given)."""
+    path = os.path.join(raw, name)
+    if os.path.exists(path):
+        f = open(path, encoding="utf-8")
+    elif os.path.exists(path + ".xz"):
+        f = lzma.open(path + ".xz", "rt", encoding="utf-8")
+    else:
+        raise SystemExit(f"compare: RAW_DIR {raw} has neither {name} nor {name}.xz")
+    with f:
+        lines = [line.rstrip("\n") for line in f]
+    return lines[:limit] if limit else lines
+
+
+def find_one(raw, suffix):
+    found = sorted(f for f in os.listdir(raw) if f.endswith(suffix))
+    return os.path.join(raw, found[0]) if found else None
+
+
+def prepare(args):
+    """Raw text -> sentencepiece pieces -> fairseq-preprocess (joined dictionary) -> WORK/bin."""
+    import sentencepiece as spm
+
+    from elmer_fairseq.canvas import canvas_rule_from_targets
+
+    bin_dir = os.path.join(args.work, "bin")
+    if os.path.exists(os.path.join(bin_dir, "canvas.json")):
+        return
+    text = os.path.join(args.work, "text")
+    os.makedirs(text, exist_ok=True)
+    limits = {"train": args.train_limit, "valid": args.valid_limit}
+    for split in ("train", "valid"):
+        for side in ("src", "tgt"):
+            lines = read_lines(args.raw, f"{split}.{side}", limits[split])
+            with open(os.path.join(text, f"{split}.{side}"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+    model = find_one(args.raw, ".model")
+    dictionary = find_one(args.raw, ".txt") if model else None
+    if model is None:
+        log(f"no sentencepiece model in {args.raw}: training one of {args.vocab} pieces")
+        spm.SentencePieceTrainer.train(
+            input=f"{text}/train.src,{text}/train.tgt", model_prefix=f"{text}/spm", vocab_size=args.vocab,
+            model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2,
+        )
+        model = f"{text}/spm.model"
+    sp = spm.SentencePieceProcessor(model_file=model)
+    for split in ("train", "valid"):
+        for side in ("src", "tgt"):
+            with open(os.path.join(text, f"{split}.{side}"), encoding="utf-8") as f:
+                pieces = sp.encode([line.rstrip("\n") for line in f], out_type=str)
+            with open(os.path.join(text, f"{split}.bpe.{side}"), "w", encoding="utf-8") as f:
+                f.write("".join(" ".join(p) + "\n" for p in pieces))
+    dict_flags = ["--srcdict", dictionary] if dictionary else []
+    shutil.rmtree(bin_dir, ignore_errors=True)
+    run([tool("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
+         "--trainpref", f"{text}/train.bpe", "--validpref", f"{text}/valid.bpe", "--destdir", bin_dir,
+         "--joined-dictionary", "--workers", "2", *dict_flags], out=os.path.join(args.work, "preprocess.log"))
+    shutil.copy(model, os.path.join(bin_dir, "spm.model"))
+    with open(os.path.join(text, "train.bpe.tgt"), encoding="utf-8") as f:
+        a, b, mean = canvas_rule_from_targets(len(line.split()) for line in f)
+    log(f"targets (pieces + </s>): mean {mean:.1f}, p99 {b}: canvas T = {b}")
+    with open(os.path.join(bin_dir, "canvas.json"), "w") as f:
+        json.dump({"canvas_len_a": a, "canvas_len_b": b, "mean_target": mean}, f)
+
+
+# ---------------------------------------------------------------- training
+
+def train_flags(args, name):
+    extra, _ = SYSTEMS[name]
+    with open(os.path.join(args.work, "bin", "canvas.json")) as f:
+        canvas = json.load(f)
+    common = [*SIZES[args.size], "--dropout", "0.1",
+              "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
+              "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "1.0",
+              "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+              "--max-source-positions", "512", "--truncate-source", "--disable-validation",
+              "--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
+              "--no-epoch-checkpoints", "--seed", str(args.seed), "--num-workers", "0",
+              "--log-format", "simple", "--log-interval", str(args.save_every), "--cpu"]
+    if name == "ar":
+        return AR_TRAIN + common
+    if "--glat" in extra:
+        extra = extra + ["--glat-anneal-updates", str(args.max_update)]
+    return ELMER_TRAIN + common + ["--canvas-len-a", str(canvas["canvas_len_a"]),
+                                   "--canvas-len-b", str(canvas["canvas_len_b"])] + extra
+
+
+def data_dir(args, name):
+    return os.path.join(args.work, "bin-kd" if "kd" in name else "bin")
+
+
+def train(args, name):
+    save = os.path.join(args.work, name)
+    last = os.path.join(save, "checkpoint_last.pt")
+    if os.path.exists(os.path.join(save, "done")):
+        return
+    shutil.rmtree(save, ignore_errors=True)
+    os.makedirs(save)
+    cmd = [tool("fairseq-train"), data_dir(args, name), "--save-dir", save, *train_flags(args, name)]
+    t0 = time.time()
+    run(cmd, out=os.path.join(save, "train.log"))
+    if not os.path.exists(last):
+        raise SystemExit(f"compare: training {name} wrote no {last}")
+    with open(os.path.join(save, "done"), "w") as f:
+        json.dump({"wall_s": time.time() - t0, "command": cmd}, f)
+
+
+def walls(args, name):
+    """{num_updates: training wall-clock seconds} from the fairseq train log."""
+    out = {}
+    with open(os.path.join(args.work, name, "train.log")) as f:
+        for line in f:
+            m_u, m_w = re.search(r"num_updates[ =](\d+)", line), re.search(r"\bwall[ =]([\d.]+)", line)
+            if m_u and m_w:
+                out[int(m_u.group(1))] = float(m_w.group(1))
+    return out
+
+
+def distill(args):
+    kd = os.path.join(args.work, "bin-kd")
+    if os.path.exists(os.path.join(kd, "done")):
+        return
+    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar", "checkpoint_last.pt"), OUT=kd,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
+        out=os.path.join(args.work, "distill.log"))
+    open(os.path.join(kd, "done"), "w").close()
+
+
+# ---------------------------------------------------------------- generation and scores
+
+def generate(args, name, label, ckpt, tag=""):
+    """fairseq-generate on valid; returns the score record (cached as JSON next to the output)."""
+    from elmer_fairseq.score import parse_generate_log, score, text_shape
+
+    _, decodes = SYSTEMS[name]
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{label} {tag}".lower()).strip("-")
+    out = os.path.join(args.work, name, f"valid.{slug}.txt")
+    if not os.path.exists(out + ".json"):
+        cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
+               "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
+               "--max-source-positions", "512", "--truncate-source", *decodes[label],
+               # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
+               "--user-dir", os.path.join(REPO, "elmer_fairseq")]
+        if name != "ar":
+            cmd += ["--task", "nat_early_exit"]
+        else:  # the AR may write up to 3x the ELMER canvas (the p99 target length), never more
+            with open(os.path.join(args.work, "bin", "canvas.json")) as f:
+                cmd += ["--max-len-a", "0", "--max-len-b", str(3 * json.load(f)["canvas_len_b"])]
+        t0 = time.time()
+        run(cmd, out=out)
+        wall = time.time() - t0
+        with open(out, encoding="utf-8") as f:
+            hyps, refs = parse_generate_log(f)
+        record = {"system": name, "decode": label, "checkpoint": ckpt, "generate_wall_s": wall}
+        for collapse in (False, True):
+            s = score(hyps, refs, collapse_words=collapse)
+            suffix = " (repeats removed)" if collapse else ""
+            for key in ("ROUGE-1", "ROUGE-2", "ROUGE-L"):
+                record[key + suffix] = s[key]
+        record.update(text_shape(hyps, refs))
+        with open(out + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+    with open(out + ".json") as f:
+        return json.load(f)
+
+
+def bs1_ms(args, name):
+    """Batch-1 median ms per sentence from scripts/benchmark.py (cached)."""
+    out = os.path.join(args.work, name, "bs1.json")
+    if not os.path.exists(out):
+        ckpt = os.path.join(args.work, name, "checkpoint_last.pt")
+        flag = {"ar": "--ar"}.get(name, "--elmer-soft")
+        cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--data", os.path.join(args.work, "bin"),
+               "--split", "valid", flag, ckpt, "--max-sentences", str(args.bs1_sentences), "--warmup", "5",
+               "--large-batch", "64", "--memory-batches", "--json", out, "--device", "cpu"]
+        if flag == "--elmer-soft":
+            cmd += ["--thresholds"]
+        run(cmd, out=out + ".log")
+    with open(out) as f:
+        results = json.load(f)["tables"][0]["results"]
+    return {r["system"]: r["ms_median_bs1"] for r in results}
+
+
+def time_matched_checkpoint(args, name, budget_s):
+    """The system's last interval checkpoint saved within ``budget_s`` seconds of training."""
+    wall = walls(args, name)
+    ok = [u for u, w in wall.items() if w <= budget_s and u % args.save_every == 0]
+    for u in sorted(ok, reverse=True):
+        found = [f for f in os.listdir(os.path.join(args.work, name)) if f.endswith(f"_{u}.pt")]
+        if found:
+            return os.path.join(args.work, name, found[0]), u
+    return None, 0
+
+
+# ---------------------------------------------------------------- report
+
+COLUMNS = [("R-1", "ROUGE-1"), ("R-2", "ROUGE-2"), ("R-L", "ROUGE-L"), ("R-L rep. removed", "ROUGE-L (repeats removed)"),
+           ("len ratio", "length_ratio"), ("repeat %", "repeat_rate"), ("bs1 ms", "bs1_ms"),
+           ("updates", "updates"), ("train s", "train_s"), ("R-L time-matched", "time_matched_rougeL"),
+           ("tm updates", "time_matched_updates")]
+
+
+def markdown(rows):
+    head = "| system | decode | " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        cells = []
+        for _, key in COLUMNS:
+            v = r.get(key)
+            cells.append("—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['system']} | {r['decode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("raw", help="folder with {train,valid}.{src,tgt}[.xz] (+ optional *.model, dict*.txt)")
+    p.add_argument("--work", default=os.path.join(REPO, "runs", "compare"), help="where everything is written")
+    p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size of every system")
+    p.add_argument("--max-update", type=int, default=1800, help="training updates of every system")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=1000, help="inverse_sqrt warm-up updates")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=100, help="interval checkpoints, for the time-matched column")
+    p.add_argument("--vocab", type=int, default=8000, help="sentencepiece size when RAW_DIR brings no model")
+    p.add_argument("--train-limit", type=int, help="use the first N training pairs only")
+    p.add_argument("--valid-limit", type=int, help="use the first N valid pairs only")
+    p.add_argument("--bs1-sentences", type=int, default=100, help="sentences timed at batch size 1 (0: skip)")
+    p.add_argument("--no-time-matched", action="store_true", help="skip the time-matched column")
+    args = p.parse_args(argv)
+    args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
+    names = [n for n in args.systems.split(",") if n]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        p.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if "ar" not in names:
+        names.insert(0, "ar")  # the baseline, and the teacher of the kd systems
+    sys.path.insert(0, REPO)
+    os.makedirs(args.work, exist_ok=True)
+
+    prepare(args)
+    rows = []
+    train(args, "ar")
+    for name in names:
+        if "kd" in name:
+            distill(args)
+        train(args, name)
+    ar_wall = max(walls(args, "ar").values(), default=None)
+    for name in names:
+        with open(os.path.join(args.work, name, "done")) as f:
+            done = json.load(f)
+        ckpt = os.path.join(args.work, name, "checkpoint_last.pt")
+        timing = bs1_ms(args, name) if args.bs1_sentences else {}
+        _, decodes = SYSTEMS[name]
+        for label in decodes:
+            r = generate(args, name, label, ckpt)
+            r["updates"] = args.max_update
+            r["train_s"] = max(walls(args, name).values(), default=done["wall_s"])
+            if name == "ar":
+                r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
+            else:
+                r["bs1_ms"] = timing.get("ELMER soft")
+                if not args.no_time_matched and ar_wall is not None:
+                    # None: no checkpoint of this system was saved within the AR's wall-clock
+                    tm_ckpt, tm_updates = time_matched_checkpoint(args, name, ar_wall)
+                    r["time_matched_updates"], r["time_matched_rougeL"] = tm_updates, None
+                    if tm_ckpt and tm_updates < args.max_update:
+                        r["time_matched_rougeL"] = generate(args, name, label, tm_ckpt, f"at {tm_updates}")["ROUGE-L"]
+                    elif tm_ckpt:
+                        r["time_matched_rougeL"] = r["ROUGE-L"]
+            rows.append(r)
+    table = markdown(rows)
+    print(table)
+    with open(os.path.join(args.work, "compare.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    with open(os.path.join(args.work, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Sequence-level knowledge distillation for non-autoregressive training (fairseq's NAT docs call it
+# sometimes essential; BANG recommends it): the targets of the training split are replaced by an
+# autoregressive teacher's beam search outputs, binarized with the same dictionary.
+#   scripts/distill.sh DATA_BIN
+# Environment:
+#   TEACHER    a fairseq `transformer` checkpoint trained on DATA_BIN; without it one is trained first
+#              (TEACHER_DIR, default DATA_BIN-teacher; TEACHER_FLAGS replace the training flags below)
+#   OUT        the distilled data-bin (default DATA_BIN-distill): train = (source, teacher output);
+#              valid/test are DATA_BIN's, linked unchanged, so validation scores the real references
+#   BEAM (4), MAX_TOKENS (20000, per generation batch), MAX_LEN_B (128), CPU (1 on a machine without CUDA)
+#   JOBS       decoding processes, each a shard of the batches (default: the CPU cores on CPU, one
+#              thread each, which beats one process of many threads at these batch sizes; 1 on GPU)
+# Then train any recipe on it with DISTILL=$OUT (or pass $OUT as the data directory to fairseq-train).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${VENV:-.venv}/bin
+if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
+[ $# -ge 1 ] || { echo "usage: scripts/distill.sh DATA_BIN" >&2; exit 2; }
+DATA=${1%/}
+[ -f "$DATA/dict.src.txt" ] && [ -f "$DATA/train.src-tgt.src.idx" ] \
+  || { echo "distill.sh: $DATA is not a fairseq-preprocess folder with a train split (src -> tgt)" >&2; exit 1; }
+OUT=${OUT:-$DATA-distill}
+DEVICE=()
+if [ "${CPU:-$(python -c 'import torch; print(int(not torch.cuda.is_available()))')}" = 1 ]; then DEVICE=(--cpu); fi
+POS=(--max-source-positions "${MAX_SOURCE:-512}" --truncate-source)
+
+if [ -z "${TEACHER:-}" ]; then
+  TDIR=${TEACHER_DIR:-$DATA-teacher}
+  TEACHER=$TDIR/checkpoint_last.pt
+  if [ ! -f "$TEACHER" ]; then
+    echo "== training the teacher (fairseq transformer) into $TDIR"
+    # shellcheck disable=SC2086
+    fairseq-train "$DATA" --task translation --arch transformer --share-all-embeddings \
+      ${TEACHER_FLAGS:---criterion label_smoothed_cross_entropy --label-smoothing 0.1 --dropout 0.1 \
+      --optimizer adam --adam-betas (0.9,0.98) --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 \
+      --max-tokens 4096 --max-update 100000 --clip-norm 1.0} \
+      "${POS[@]}" --save-dir "$TDIR" --no-epoch-checkpoints --log-format simple "${DEVICE[@]}" \
+      > "$TDIR.train.log" 2>&1 || { tail -20 "$TDIR.train.log"; exit 1; }
+  fi
+fi
+[ -f "$TEACHER" ] || { echo "distill.sh: TEACHER=$TEACHER does not exist" >&2; exit 1; }
+
+mkdir -p "$OUT"
+TEXT=$OUT/text
+mkdir -p "$TEXT"
+JOBS=${JOBS:-$([ ${#DEVICE[@]} -gt 0 ] && nproc || echo 1)}
+echo "== beam ${BEAM:-4} decoding of $DATA's training split with $TEACHER ($JOBS process(es))"
+start=$(date +%s)
+pids=()
+for ((i = 0; i < JOBS; i++)); do
+  threads=()
+  if [ "$JOBS" -gt 1 ]; then threads=(env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1); fi
+  # fairseq-generate shards the batches by --distributed-world-size/--distributed-rank
+  "${threads[@]}" fairseq-generate "$DATA" --user-dir elmer_fairseq --path "$TEACHER" --gen-subset train \
+    --beam "${BEAM:-4}" --nbest 1 --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
+    "${POS[@]}" --distributed-world-size "$JOBS" --distributed-rank "$i" "${DEVICE[@]}" \
+    > "$TEXT/generate-train.$i.txt" 2> "$TEXT/generate-train.$i.err" &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { tail -20 "$TEXT/generate-train.$i.err"; exit 1; }
+done
+cat "$TEXT"/generate-train.*.txt > "$TEXT/generate-train.txt"
+n_train=$(python -c "import sys; from fairseq.data import data_utils; print(len(data_utils.load_indexed_dataset(sys.argv[1], None)))" "$DATA/train.src-tgt.src")
+python -m elmer_fairseq.distill "$TEXT/generate-train.txt" "$TEXT/train" --expect "$n_train"
+echo "== decoding took $(( $(date +%s) - start )) s"
+
+rm -f "$OUT"/train.src-tgt.* "$OUT"/dict.*.txt
+fairseq-preprocess --source-lang src --target-lang tgt --trainpref "$TEXT/train" --destdir "$OUT" \
+  --srcdict "$DATA/dict.src.txt" --joined-dictionary --workers 2 > "$TEXT/preprocess.log" 2>&1 \
+  || { tail -20 "$TEXT/preprocess.log"; exit 1; }
+for f in "$DATA"/valid.* "$DATA"/test.* "$DATA"/spm.model "$DATA"/canvas.* "$DATA"/bpe; do
+  if [ -e "$f" ]; then ln -sfn "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/$(basename "$f")"; fi
+done
+echo "== distilled data-bin: $OUT (train: teacher outputs; valid/test: the references)"

@@ -1,0 +1,61 @@
+"""The side-by-side quality harness (scripts/compare.py) end to end on a 200-pair slice, its
+distillation step, and the scoring helpers it reports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from elmer_fairseq.distill import pairs_from_generate_log
+from elmer_fairseq.score import collapse_words, score, text_shape
+
+
+def test_collapse_words_and_text_shape_by_hand():
+    assert collapse_words("data files for for data") == "data files for data"
+    assert collapse_words("a a a") == "a"
+    assert collapse_words("") == ""
+    shape = text_shape(["x x y", "z"], ["x y z w", "a b"])
+    assert shape["length_ratio"] == pytest.approx(4 / 6)
+    assert shape["repeat_rate"] == pytest.approx(100 * 1 / 4)
+    # collapsing repeats can only help ROUGE-L here: "the the cat" vs "the cat"
+    raw = score(["the the cat"], ["the cat"])["ROUGE-L"]
+    collapsed = score(["the the cat"], ["the cat"], collapse_words=True)["ROUGE-L"]
+    assert collapsed == pytest.approx(100.0) and raw < 100.0
+
+
+def test_distill_pairs_follow_sentence_ids_and_refuse_gaps():
+    log = ["S-1\tb c", "H-1\t-0.5\tB", "S-0\ta", "H-0\t-0.1\tA", "H-0\t-0.9\tworse", "P-0\t-0.1"]
+    assert pairs_from_generate_log(log) == [("a", "A"), ("b c", "B")]
+    with pytest.raises(ValueError, match="source or a hypothesis but not both"):
+        pairs_from_generate_log(["S-0\ta", "H-0\t-1\tA", "S-1\tb"])
+
+
+def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
+    work = tmp_path / "work"
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), os.path.join(REPO, "data-bin", "sample-raw"),
+           "--work", str(work), "--size", "tiny", "--max-update", "8", "--save-every", "4", "--warmup", "4",
+           "--train-limit", "200", "--valid-limit", "16", "--vocab", "300", "--bs1-sentences", "2",
+           "--systems", "ar,elmer-soft-kd-glat"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((work / "compare.json").read_text())
+    rows = {(r["system"], r["decode"]): r for r in report["rows"]}
+    assert set(rows) == {("ar", "beam 4"), ("ar", "greedy"), ("elmer-soft-kd-glat", "first </s>"),
+                         ("elmer-soft-kd-glat", "most probable </s>")}
+    for r in rows.values():
+        assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
+        assert r["length_ratio"] > 0 and r["bs1_ms"] > 0 and r["updates"] == 8
+    elmer = rows[("elmer-soft-kd-glat", "most probable </s>")]
+    assert elmer["time_matched_updates"] in (0, 4, 8) and "time_matched_rougeL" in elmer
+    # the distilled training targets are the teacher's beam outputs, one per training pair
+    kd_tgt = (work / "bin-kd" / "text" / "train.tgt").read_text().splitlines()
+    ref_tgt = (work / "text" / "train.bpe.tgt").read_text().splitlines()
+    assert len(kd_tgt) == len(ref_tgt) == 200 and kd_tgt != ref_tgt
+    assert "| system | decode | R-1 |" in (work / "compare.md").read_text()
+    # a second run finds every stage done and only reprints the table
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "fairseq-train" not in again.stdout
+    assert json.loads((work / "compare.json").read_text())["rows"] == report["rows"]
