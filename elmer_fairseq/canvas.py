@@ -11,6 +11,7 @@ used identically in training (by the criterion) and in generation.
 
 import torch
 
+MASK_SYMBOL = "<mask>"  # the canvas token: a real dictionary symbol (fairseq's NAT models use <unk>)
 POST_EOS_CHOICES = ("ignore", "pad", "eos")
 LONG_TARGET_CHOICES = ("truncate", "skip")
 

@@ -24,7 +24,7 @@ from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf
 
-from .elmer_nat_model import MASK_SYMBOL
+from .canvas import MASK_SYMBOL
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.denoising import DenoisingConfig, DenoisingTask
 
-from .elmer_nat_model import MASK_SYMBOL
+from .canvas import MASK_SYMBOL
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,11 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq.utils import safe_getattr
 from omegaconf import II, DictConfig, OmegaConf, open_dict
 
-from .canvas import LONG_TARGET_CHOICES, POST_EOS_CHOICES, canvas_lengths, make_canvas
+from .canvas import LONG_TARGET_CHOICES, MASK_SYMBOL, POST_EOS_CHOICES, canvas_lengths, make_canvas
 from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
 
 logger = logging.getLogger(__name__)
 
-MASK_SYMBOL = "<mask>"
 EARLY_EXIT_CHOICES = ("lplm", "hard", "soft")
 
 
@@ -82,6 +81,18 @@ class ElmerNATConfig(FairseqDataclass):
             "help": "separate encoder and decoder embeddings; by default encoder, decoder and the "
             "off-ramp share one matrix (needs fairseq-preprocess --joined-dictionary)"
         },
+    )
+    share_all_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "accepted as in fairseq's transformer command lines: elmer_nat always shares encoder, decoder "
+            "and off-ramp embeddings unless --no-share-all-embeddings (giving both is refused)"
+        },
+    )
+    share_decoder_input_output_embed: bool = field(
+        default=False,
+        metadata={"help": "accepted as in fairseq's transformer command lines: the (last) off-ramp is always the "
+                  "decoder's embedding matrix"},
     )
     per_layer_off_ramps: bool = field(
         default=False,
@@ -167,6 +178,8 @@ def fill_defaults(cfg):
 
 def check_config(cfg):
     """Reject nonsense options at start, naming the flag."""
+    if cfg.share_all_embeddings and cfg.no_share_all_embeddings:
+        raise ValueError("--share-all-embeddings and --no-share-all-embeddings contradict each other; give one")
     if cfg.decoder_layers < 1:
         raise ValueError(f"--decoder-layers must be >= 1, got {cfg.decoder_layers}")
     if cfg.model_exit_threshold < 0:

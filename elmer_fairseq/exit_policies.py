@@ -20,8 +20,7 @@ Masks are laid out (T, B) like the decoder's hidden states.
 
 import torch
 
-
-MASK_SYMBOL = "<mask>"
+from .canvas import MASK_SYMBOL
 
 
 def banned_tokens(dictionary):

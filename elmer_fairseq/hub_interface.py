@@ -15,7 +15,6 @@ from typing import List, Optional, Union
 from fairseq import hub_utils, utils
 from fairseq.hub_utils import GeneratorHubInterface
 
-from .early_exit_generator import EarlyExitGenerator
 
 
 def _as_text(sentence, index: int) -> str:
@@ -52,16 +51,20 @@ class ELMER(GeneratorHubInterface):
         exit_threshold: Optional[float] = None,
         collapse_repeats: bool = False,
         return_exit_layers: bool = False,
+        length_rule: Optional[str] = None,
     ):
         """Generate for one sentence or a list, batched; returns strings in input order.
 
         ``exit_threshold``: hard early exit δ (Eq. 10); None: the checkpoint's strategy; 0: last layer.
+        ``length_rule``: as ``--length-rule`` (None: the task's). The generator is the task's
+        (``task.build_generator``), so every other generation option is the task's too.
         With ``return_exit_layers``, each result is ``(text, [exit layer per token, </s> included])``.
         """
         single = isinstance(sentences, (str, bytes, bytearray))
         texts = [_as_text(s, i) for i, s in enumerate([sentences] if single else sentences)]
-        generator = EarlyExitGenerator(
-            self.task.target_dictionary, exit_threshold=exit_threshold, collapse=collapse_repeats
+        overrides = {"exit_threshold": exit_threshold, "collapse": collapse_repeats, "length_rule": length_rule}
+        generator = self.task.build_generator(
+            self.models, None, extra_gen_cls_kwargs={k: v for k, v in overrides.items() if v is not None}
         )
         results = [None] * len(texts)
         for batch in self._build_batches([self.encode(t) for t in texts], skip_invalid_size_inputs=False):

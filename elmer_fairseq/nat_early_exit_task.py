@@ -22,7 +22,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .early_exit_generator import LENGTH_RULES, EarlyExitGenerator
-from .elmer_nat_model import MASK_SYMBOL
+from .canvas import MASK_SYMBOL
 
 logger = logging.getLogger(__name__)
 
@@ -200,14 +200,17 @@ class NATEarlyExitTask(TranslationTask):
         return super().get_batch_iterator(dataset, **kwargs)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kwargs):
-        return EarlyExitGenerator(
-            self.target_dictionary,
+        """The one-pass generator from the task's generation options; ``extra_gen_cls_kwargs``
+        overrides them by ``EarlyExitGenerator`` argument name (the Python API does)."""
+        options = dict(
             exit_threshold=self.cfg.exit_threshold,
             collapse=self.cfg.collapse_repeats,
             compile=self.cfg.compile,
             length_rule=self.cfg.length_rule,
             eos_penalty=self.cfg.eos_penalty,
         )
+        options.update(extra_gen_cls_kwargs or {})
+        return EarlyExitGenerator(self.target_dictionary, **options)
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)

@@ -43,6 +43,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 
 import elmer_fairseq  # noqa: E402,F401
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator  # noqa: E402
+from elmer_fairseq.exit_policies import SoftExit  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,12 +122,18 @@ class ForcedLength:
 
 
 class Floor:
-    """One bare forward pass of an ELMER model: encoder, every decoder layer, last off-ramp, argmax."""
+    """One bare forward pass of an ELMER model: encoder, every decoder layer, last off-ramp, argmax.
+    With ``soft``, the soft-exit model's own pass: the argmax embedding is mixed in after every layer
+    but the last (SoftExit), as that model cannot be read without it."""
+
+    def __init__(self, soft=False):
+        self.soft = soft
 
     def generate(self, models, sample, **unused):
         model = models[0]
         net = sample["net_input"]
-        states, _ = model(net["src_tokens"], net["src_lengths"], sample["canvas"])
+        policy = SoftExit() if self.soft else None
+        states, _ = model(net["src_tokens"], net["src_lengths"], sample["canvas"], policy=policy)
         return model.decoder.off_ramp(states, model.num_exit_layers).argmax(-1)
 
 
@@ -157,6 +164,7 @@ def systems(args, device, dtype):
             out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
     if args.elmer_soft:
         model, task = elmer(args.elmer_soft)
+        out.append(("ELMER soft floor (bare forward)", model, task, Floor(soft=model.cfg.early_exit == "soft"), True))
         out.append(("ELMER soft", model, task, EarlyExitGenerator(task.target_dictionary), False))
     for kind in ("nat", "ar"):
         path = getattr(args, kind)
@@ -318,10 +326,12 @@ def table(results, large_batch, memory_batches):
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    floor = next((r for r in results if r["system"].startswith("ELMER floor")), None)
-    if floor:
-        lines.append(f"generator overhead over the bare forward pass (bs1 median): "
-                     f"{ref['ms_median_bs1'] / floor['ms_median_bs1']:.3f}x")
+    for name, floor_name in (("ELMER last layer", "ELMER floor"), ("ELMER soft", "ELMER soft floor")):
+        gen = next((r for r in results if r["system"] == name), None)
+        floor = next((r for r in results if r["system"].startswith(floor_name + " ")), None)
+        if gen and floor:
+            lines.append(f"{name}: generator overhead over its bare forward pass (bs1 median): "
+                         f"{gen['ms_median_bs1'] / floor['ms_median_bs1']:.3f}x")
     return "\n".join(lines)
 
 

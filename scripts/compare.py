@@ -119,8 +119,6 @@ def find_one(raw, suffix):
 
 def prepare(args):
     """Raw text -> sentencepiece pieces -> fairseq-preprocess (joined dictionary) -> WORK/bin."""
-    import sentencepiece as spm
-
     from elmer_fairseq.canvas import canvas_rule_from_targets
 
     bin_dir = os.path.join(args.work, "bin")
@@ -136,20 +134,14 @@ def prepare(args):
                 f.write("\n".join(lines) + "\n")
     model = find_one(args.raw, ".model")
     dictionary = find_one(args.raw, ".txt") if model else None
+    bpe = [sys.executable, os.path.join(REPO, "scripts", "sentencepiece_bpe.py")]
     if model is None:
         log(f"no sentencepiece model in {args.raw}: training one of {args.vocab} pieces")
-        spm.SentencePieceTrainer.train(
-            input=f"{text}/train.src,{text}/train.tgt", model_prefix=f"{text}/spm", vocab_size=args.vocab,
-            model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2,
-        )
+        run(bpe + ["train", "--model", f"{text}/spm", "--vocab-size", str(args.vocab), f"{text}/train.src", f"{text}/train.tgt"])
         model = f"{text}/spm.model"
-    sp = spm.SentencePieceProcessor(model_file=model)
     for split in ("train", "valid"):
         for side in ("src", "tgt"):
-            with open(os.path.join(text, f"{split}.{side}"), encoding="utf-8") as f:
-                pieces = sp.encode([line.rstrip("\n") for line in f], out_type=str)
-            with open(os.path.join(text, f"{split}.bpe.{side}"), "w", encoding="utf-8") as f:
-                f.write("".join(" ".join(p) + "\n" for p in pieces))
+            run(bpe + ["encode", "--model", model, f"{text}/{split}.{side}", f"{text}/{split}.bpe.{side}"])
     dict_flags = ["--srcdict", dictionary] if dictionary else []
     shutil.rmtree(bin_dir, ignore_errors=True)
     run([tool("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",

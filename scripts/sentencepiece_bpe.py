@@ -38,9 +38,10 @@ def main():
         )
     else:
         sp = spm.SentencePieceProcessor(model_file=args.model)
-        with open(args.input, encoding="utf-8") as fin, open(args.output, "w", encoding="utf-8") as fout:
-            for line in fin:
-                fout.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
+        with open(args.input, encoding="utf-8") as fin:
+            lines = [line.rstrip("\n") for line in fin]
+        with open(args.output, "w", encoding="utf-8") as fout:  # one batched call: C++ does the loop
+            fout.writelines(" ".join(pieces) + "\n" for pieces in sp.encode(lines, out_type=str))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import argparse
 
+import pytest
 import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.bart import BARTModel
@@ -37,3 +38,13 @@ def test_base_architecture_matches_fairseq_bart_base():
     assert len(elmer.encoder.layers) == 6 and elmer.num_exit_layers == 6
     assert elmer.decoder.embed_scale == 1.0 and elmer.decoder.ramp_norm is None
     assert elmer.decoder.layers[0].normalize_before is False
+
+
+def test_fairseq_share_flags_are_accepted_and_contradictions_refused(task):
+    from conftest import make_model
+
+    shared = make_model(task, share_all_embeddings=True, share_decoder_input_output_embed=True)
+    assert shared.encoder.embed_tokens is shared.decoder.embed_tokens
+    assert shared.decoder.off_ramps[-1].weight is shared.decoder.embed_tokens.weight
+    with pytest.raises(ValueError, match="--share-all-embeddings and --no-share-all-embeddings"):
+        make_model(task, share_all_embeddings=True, no_share_all_embeddings=True)

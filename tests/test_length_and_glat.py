@@ -231,6 +231,6 @@ def test_hard_all_layer_loss_scores_each_layers_own_output(task):
         lprobs = F.log_softmax(dec.off_ramp(states_btc, layer), -1)
         return -lprobs[mask].gather(-1, targets[mask][:, None]).sum()
 
-    want = ce(exit_state.transpose(0, 1), None or 1)  # one shared off-ramp: the layer index does not matter
+    want = ce(exit_state.transpose(0, 1), 1)  # one shared off-ramp: the layer index does not matter
     want = want + sum(ce(y.transpose(0, 1), i + 1) for i, y in enumerate(own)) / len(own)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
