@@ -209,7 +209,12 @@ class NATEarlyExitTask(TranslationTask):
             length_rule=self.cfg.length_rule,
             eos_penalty=self.cfg.eos_penalty,
         )
-        options.update(extra_gen_cls_kwargs or {})
+        extra = dict(extra_gen_cls_kwargs or {})
+        # fairseq-generate always passes its LM-fusion arguments (None unless --lm-path)
+        if extra.pop("lm_model", None) is not None:
+            raise ValueError("--lm-path: the one-pass early-exit generator does not fuse a language model")
+        extra.pop("lm_weight", None)
+        options.update(extra)
         return EarlyExitGenerator(self.target_dictionary, **options)
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):

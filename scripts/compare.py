@@ -58,6 +58,7 @@ ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat
 ELMER_DECODES = {
     "first </s>": ["--length-rule", "first-eos"],
     "most probable </s>": ["--length-rule", "mode"],
+    "median </s>": ["--length-rule", "median"],
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),

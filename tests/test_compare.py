@@ -44,7 +44,7 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     report = json.loads((work / "compare.json").read_text())
     rows = {(r["system"], r["decode"]): r for r in report["rows"]}
     assert set(rows) == {("ar", "beam 4"), ("ar", "greedy"), ("elmer-soft-kd-glat", "first </s>"),
-                         ("elmer-soft-kd-glat", "most probable </s>")}
+                         ("elmer-soft-kd-glat", "most probable </s>"), ("elmer-soft-kd-glat", "median </s>")}
     for r in rows.values():
         assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
         assert r["length_ratio"] > 0 and r["bs1_ms"] > 0 and r["updates"] == 8

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import encode, make_model, make_sample
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator, collapse_repeats
-from elmer_fairseq.exit_policies import EntropyExit, SoftExit
+from elmer_fairseq.exit_policies import EntropyExit, SoftExit, banned_tokens
 from elmer_fairseq.lplm_criterion import LPLMCriterion
 from elmer_fairseq.nat_early_exit_task import ExitLayerReport
 
@@ -178,7 +178,10 @@ def naive_soft_loss(model, sample, targets, mask):
             lp = F.log_softmax(dec.off_ramp(y[t, b], idx + 1).double(), -1)
             total += -lp[targets[b, t]] / L
         if idx < L - 1:
-            x = dec.soft_mix(dec.off_ramp(y, idx + 1).argmax(-1), y, idx + 1)
+            logits = dec.off_ramp(y, idx + 1)
+            for banned in banned_tokens(dec.dictionary):  # <pad>, <s>, <mask>: never fed, as in generation
+                logits[..., banned] = float("-inf")
+            x = dec.soft_mix(logits.argmax(-1), y, idx + 1)
     return total
 
 
