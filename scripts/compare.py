@@ -258,11 +258,10 @@ def generate(args, name, label, ckpt, tag=""):
         return json.load(f)
 
 
-def bs1_ms(args, name):
+def bs1_ms(args, name, ckpt, tag=""):
     """Batch-1 median ms per sentence from scripts/benchmark.py (cached)."""
-    out = os.path.join(args.work, name, "bs1.json")
+    out = os.path.join(args.work, name, f"bs1{tag}.json")
     if not os.path.exists(out):
-        ckpt = os.path.join(args.work, name, "checkpoint_last.pt")
         flag = {"ar": "--ar"}.get(name, "--elmer-soft")
         cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--data", os.path.join(args.work, "bin"),
                "--split", "valid", flag, ckpt, "--max-sentences", str(args.bs1_sentences), "--warmup", "5",
@@ -275,14 +274,20 @@ def bs1_ms(args, name):
     return {r["system"]: r["ms_median_bs1"] for r in results}
 
 
+def interval_checkpoint(args, name, updates):
+    """WORK/<name>/checkpoint_<epoch>_<updates>.pt, or None."""
+    found = [f for f in os.listdir(os.path.join(args.work, name)) if f.endswith(f"_{updates}.pt")]
+    return os.path.join(args.work, name, found[0]) if found else None
+
+
 def time_matched_checkpoint(args, name, budget_s):
     """The system's last interval checkpoint saved within ``budget_s`` seconds of training."""
     wall = walls(args, name)
     ok = [u for u, w in wall.items() if w <= budget_s and u % args.save_every == 0]
     for u in sorted(ok, reverse=True):
-        found = [f for f in os.listdir(os.path.join(args.work, name)) if f.endswith(f"_{u}.pt")]
-        if found:
-            return os.path.join(args.work, name, found[0]), u
+        ckpt = interval_checkpoint(args, name, u)
+        if ckpt:
+            return ckpt, u
     return None, 0
 
 
@@ -323,6 +328,9 @@ def main(argv=None):
     p.add_argument("--valid-limit", type=int, help="use the first N valid pairs only")
     p.add_argument("--bs1-sentences", type=int, default=100, help="sentences timed at batch size 1 (0: skip)")
     p.add_argument("--no-time-matched", action="store_true", help="skip the time-matched column")
+    p.add_argument("--at-update", type=int, metavar="N",
+                   help="score every system at its interval checkpoint of N updates (a multiple of --save-every) "
+                   "instead of training to --max-update; systems still training are read as they are")
     args = p.parse_args(argv)
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
     names = [n for n in args.systems.split(",") if n]
@@ -336,27 +344,31 @@ def main(argv=None):
 
     prepare(args)
     rows = []
-    train(args, "ar")
-    for name in names:
-        if "kd" in name:
-            distill(args)
-        train(args, name)
+    if args.at_update is None:
+        train(args, "ar")
+        for name in names:
+            if "kd" in name:
+                distill(args)
+            train(args, name)
     ar_wall = max(walls(args, "ar").values(), default=None)
     for name in names:
-        with open(os.path.join(args.work, name, "done")) as f:
-            done = json.load(f)
+        tag = "" if args.at_update is None else f"at {args.at_update}"
         ckpt = os.path.join(args.work, name, "checkpoint_last.pt")
-        timing = bs1_ms(args, name) if args.bs1_sentences else {}
+        if args.at_update is not None:
+            ckpt = interval_checkpoint(args, name, args.at_update)
+            if ckpt is None:
+                raise SystemExit(f"compare: {name} has no checkpoint at {args.at_update} updates")
+        timing = bs1_ms(args, name, ckpt, tag.replace(" ", "-")) if args.bs1_sentences else {}
         _, decodes = SYSTEMS[name]
         for label in decodes:
-            r = generate(args, name, label, ckpt)
-            r["updates"] = args.max_update
-            r["train_s"] = max(walls(args, name).values(), default=done["wall_s"])
+            r = generate(args, name, label, ckpt, tag)
+            r["updates"] = args.at_update or args.max_update
+            r["train_s"] = walls(args, name).get(r["updates"])
             if name == "ar":
                 r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
             else:
                 r["bs1_ms"] = timing.get("ELMER soft")
-                if not args.no_time_matched and ar_wall is not None:
+                if not args.no_time_matched and ar_wall is not None and args.at_update is None:
                     # None: no checkpoint of this system was saved within the AR's wall-clock
                     tm_ckpt, tm_updates = time_matched_checkpoint(args, name, ar_wall)
                     r["time_matched_updates"], r["time_matched_rougeL"] = tm_updates, None
@@ -367,9 +379,10 @@ def main(argv=None):
             rows.append(r)
     table = markdown(rows)
     print(table)
-    with open(os.path.join(args.work, "compare.json"), "w") as f:
+    stem = "compare" if args.at_update is None else f"compare-at-{args.at_update}"
+    with open(os.path.join(args.work, stem + ".json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-    with open(os.path.join(args.work, "compare.md"), "w") as f:
+    with open(os.path.join(args.work, stem + ".md"), "w") as f:
         f.write(table + "\n")
     return rows
 
