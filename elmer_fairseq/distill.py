@@ -39,18 +39,31 @@ def main(argv=None):
     p.add_argument("generate_log", help="fairseq-generate output on the training split (no --post-process)")
     p.add_argument("out_prefix", help="writes OUT_PREFIX.src and OUT_PREFIX.tgt")
     p.add_argument("--expect", type=int, help="the number of training pairs; fewer is an error naming the gap")
+    p.add_argument("--collapse-repeats", action="store_true",
+                   help="drop consecutive repeated pieces from the teacher's outputs (an undertrained teacher's beam "
+                   "search loops: 'ir ir ir'); counted")
     args = p.parse_args(argv)
     with open(args.generate_log, encoding="utf-8") as f:
         pairs = pairs_from_generate_log(f)
     if args.expect is not None and len(pairs) != args.expect:
         sys.exit(f"distill: {args.generate_log} has {len(pairs)} pairs but the training split has {args.expect}: "
                  "did fairseq-generate skip inputs (--skip-invalid-size-inputs-valid-test, max positions)?")
+    dropped = 0
+    if args.collapse_repeats:
+        cleaned = []
+        for s, h in pairs:
+            pieces = h.split()
+            kept = [p for i, p in enumerate(pieces) if i == 0 or p != pieces[i - 1]]
+            dropped += len(pieces) - len(kept)
+            cleaned.append((s, " ".join(kept)))
+        pairs = cleaned
     empty = sum(1 for _, h in pairs if not h.strip())
     with open(args.out_prefix + ".src", "w", encoding="utf-8") as fs, open(args.out_prefix + ".tgt", "w", encoding="utf-8") as ft:
         for s, h in pairs:
             fs.write(s + "\n")
             ft.write(h + "\n")
-    print(f"distill: {len(pairs)} pairs written to {args.out_prefix}.{{src,tgt}} ({empty} empty teacher outputs, kept)")
+    print(f"distill: {len(pairs)} pairs written to {args.out_prefix}.{{src,tgt}} ({empty} empty teacher outputs, kept"
+          + (f"; {dropped} consecutive repeated pieces dropped)" if args.collapse_repeats else ")"))
 
 
 if __name__ == "__main__":

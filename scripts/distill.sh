@@ -9,6 +9,8 @@
 #   OUT        the distilled data-bin (default DATA_BIN-distill): train = (source, teacher output);
 #              valid/test are DATA_BIN's, linked unchanged, so validation scores the real references
 #   BEAM (4), MAX_TOKENS (20000, per generation batch), MAX_LEN_B (128), CPU (1 on a machine without CUDA)
+#   COLLAPSE   1 (default): drop consecutive repeated pieces from the teacher's outputs (an undertrained
+#              teacher's beam search loops, "ir ir ir"); 0 keeps them as decoded
 #   JOBS       decoding processes, each a shard of the batches (default: the CPU cores on CPU, one
 #              thread each, which beats one process of many threads at these batch sizes; 1 on GPU)
 # Then train any recipe on it with DISTILL=$OUT (or pass $OUT as the data directory to fairseq-train).
@@ -44,26 +46,32 @@ fi
 mkdir -p "$OUT"
 TEXT=$OUT/text
 mkdir -p "$TEXT"
-JOBS=${JOBS:-$([ ${#DEVICE[@]} -gt 0 ] && nproc || echo 1)}
-echo "== beam ${BEAM:-4} decoding of $DATA's training split with $TEACHER ($JOBS process(es))"
 start=$(date +%s)
-pids=()
-for ((i = 0; i < JOBS; i++)); do
-  threads=()
-  if [ "$JOBS" -gt 1 ]; then threads=(env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1); fi
-  # fairseq-generate shards the batches by --distributed-world-size/--distributed-rank
-  "${threads[@]}" fairseq-generate "$DATA" --user-dir elmer_fairseq --path "$TEACHER" --gen-subset train \
-    --beam "${BEAM:-4}" --nbest 1 --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
-    "${POS[@]}" --distributed-world-size "$JOBS" --distributed-rank "$i" "${DEVICE[@]}" \
-    > "$TEXT/generate-train.$i.txt" 2> "$TEXT/generate-train.$i.err" &
-  pids+=($!)
-done
-for i in "${!pids[@]}"; do
-  wait "${pids[$i]}" || { tail -20 "$TEXT/generate-train.$i.err"; exit 1; }
-done
-cat "$TEXT"/generate-train.*.txt > "$TEXT/generate-train.txt"
+if [ -s "$TEXT/generate-train.txt" ]; then
+  echo "== reusing $TEXT/generate-train.txt (delete it to decode again)"
+else
+  JOBS=${JOBS:-$([ ${#DEVICE[@]} -gt 0 ] && nproc || echo 1)}
+  echo "== beam ${BEAM:-4} decoding of $DATA's training split with $TEACHER ($JOBS process(es))"
+  pids=()
+  for ((i = 0; i < JOBS; i++)); do
+    threads=()
+    if [ "$JOBS" -gt 1 ]; then threads=(env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1); fi
+    # fairseq-generate shards the batches by --distributed-world-size/--distributed-rank
+    "${threads[@]}" fairseq-generate "$DATA" --user-dir elmer_fairseq --path "$TEACHER" --gen-subset train \
+      --beam "${BEAM:-4}" --nbest 1 --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
+      "${POS[@]}" --distributed-world-size "$JOBS" --distributed-rank "$i" "${DEVICE[@]}" \
+      > "$TEXT/generate-train.$i.txt" 2> "$TEXT/generate-train.$i.err" &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { tail -20 "$TEXT/generate-train.$i.err"; exit 1; }
+  done
+  cat "$TEXT"/generate-train.*.txt > "$TEXT/generate-train.txt"
+fi
 n_train=$(python -c "import sys; from fairseq.data import data_utils; print(len(data_utils.load_indexed_dataset(sys.argv[1], None)))" "$DATA/train.src-tgt.src")
-python -m elmer_fairseq.distill "$TEXT/generate-train.txt" "$TEXT/train" --expect "$n_train"
+collapse=()
+if [ "${COLLAPSE:-1}" = 1 ]; then collapse=(--collapse-repeats); fi
+python -m elmer_fairseq.distill "$TEXT/generate-train.txt" "$TEXT/train" --expect "$n_train" "${collapse[@]}"
 echo "== decoding took $(( $(date +%s) - start )) s"
 
 rm -f "$OUT"/train.src-tgt.* "$OUT"/dict.*.txt
