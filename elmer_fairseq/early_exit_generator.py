@@ -159,17 +159,16 @@ class EarlyExitGenerator:
             tokens, scores, eos_scores = policy.tokens.t(), policy.scores.t(), policy.eos_scores.t()
         else:
             scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos)
-        positions = torch.arange(tokens.size(1), device=tokens.device)[None, :]
-        if self.length_rule == "first-eos":
+        if self.length_rule == "first-eos":  # </s> wherever it wins; the output ends at the first
+            lengths = None
             is_eos = (eos_scores - self.eos_penalty > scores) & ~pad
-            tokens = torch.where(is_eos, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
-            scores = torch.where(is_eos, eos_scores, scores)
-            lengths = cut_at_first_eos(tokens, self.eos, self.pad)
         else:
             lengths = choose_lengths(eos_scores, ~pad, model.cfg.post_eos, self.length_rule)
-            end = positions.eq(lengths[:, None] - 1)
-            tokens = torch.where(end, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
-            scores = torch.where(end, eos_scores, scores)
+            is_eos = torch.arange(tokens.size(1), device=tokens.device)[None, :].eq(lengths[:, None] - 1)
+        tokens = torch.where(is_eos, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
+        scores = torch.where(is_eos, eos_scores, scores)
+        if lengths is None:
+            lengths = cut_at_first_eos(tokens, self.eos, self.pad)
         return tokens, scores, exit_layers, lengths
 
     def _compiled_forward(self, model):
