@@ -26,8 +26,11 @@ $(STAMP): setup.py
 demo: install
 	bash scripts/demo.sh
 
+# one test file per worker process, one CPU core each (one torch thread each: two torch processes
+# with a thread per core each spin against each other); the 20 slowest tests are listed at the end
+TEST_JOBS ?= auto
 test: install
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20 tests
 
 clean:
 	rm -rf checkpoints data-bin/sample data-bin/sample.spm

@@ -26,7 +26,7 @@ setup(
         "fastbpe": ["fastBPE==0.1.0"],
         # scripts/convert_hf_elmer.py reads model.safetensors; transformers only to test it
         "convert": ["safetensors"],
-        "test": ["pytest", "matplotlib", "safetensors", "transformers>=4.40,<5"],
+        "test": ["pytest", "pytest-xdist", "matplotlib", "safetensors", "transformers>=4.40,<5"],
     },
     entry_points={"console_scripts": ["elmer-score = elmer_fairseq.score:main"]},
 )

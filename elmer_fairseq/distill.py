@@ -13,12 +13,13 @@ import argparse
 import re
 import sys
 
-_LINE = re.compile(r"^([SH])-(\d+)\t(.*)$")
+_LINE = re.compile(r"^([STH])-(\d+)\t(.*)$")
 
 
-def pairs_from_generate_log(lines):
-    """``[(source, hypothesis)]`` by sentence id from S-/H- lines (the first H- of an id, the best)."""
-    src, hyp = {}, {}
+def triples_from_generate_log(lines):
+    """``[(source, hypothesis, reference)]`` by sentence id from S-/H-/T- lines (the first H- of an id,
+    the best; the reference is None when the log has no T- line)."""
+    src, hyp, ref = {}, {}, {}
     for line in lines:
         m = _LINE.match(line.rstrip("\n"))
         if not m:
@@ -26,12 +27,24 @@ def pairs_from_generate_log(lines):
         kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
         if kind == "S":
             src[idx] = rest
+        elif kind == "T":
+            ref[idx] = rest
         elif idx not in hyp:  # "score<TAB>text"
             hyp[idx] = rest.split("\t", 1)[1] if "\t" in rest else ""
     missing = sorted(set(src) ^ set(hyp))
     if missing:
         raise ValueError(f"{len(missing)} sentence id(s) have a source or a hypothesis but not both, e.g. {missing[:5]}")
-    return [(src[i], hyp[i]) for i in sorted(src)]
+    return [(src[i], hyp[i], ref.get(i)) for i in sorted(src)]
+
+
+def pairs_from_generate_log(lines):
+    """``[(source, hypothesis)]`` by sentence id from S-/H- lines (the first H- of an id, the best)."""
+    return [(s, h) for s, h, _ in triples_from_generate_log(lines)]
+
+
+def repeat_rate(pieces):
+    """Share of pieces equal to the piece before them."""
+    return sum(a == b for a, b in zip(pieces, pieces[1:])) / max(len(pieces), 1)
 
 
 def main(argv=None):
@@ -42,9 +55,27 @@ def main(argv=None):
     p.add_argument("--collapse-repeats", action="store_true",
                    help="drop consecutive repeated pieces from the teacher's outputs (an undertrained teacher's beam "
                    "search loops: 'ir ir ir'); counted")
+    p.add_argument("--max-repeat-rate", type=float, metavar="R",
+                   help="keep the reference target (the log's T- line) where the teacher's output is empty or more "
+                   "than R of its pieces repeat the piece before (a looping teacher); counted. Applied before "
+                   "--collapse-repeats")
     args = p.parse_args(argv)
     with open(args.generate_log, encoding="utf-8") as f:
-        pairs = pairs_from_generate_log(f)
+        triples = triples_from_generate_log(f)
+    kept_reference = 0
+    if args.max_repeat_rate is not None:
+        if any(r is None for _, _, r in triples):
+            sys.exit(f"distill: --max-repeat-rate needs the references, but {args.generate_log} lacks T- lines")
+        chosen = []
+        for s, h, r in triples:
+            pieces = h.split()
+            if not pieces or repeat_rate(pieces) > args.max_repeat_rate:
+                kept_reference += 1
+                h = r
+            chosen.append((s, h))
+        pairs = chosen
+    else:
+        pairs = [(s, h) for s, h, _ in triples]
     if args.expect is not None and len(pairs) != args.expect:
         sys.exit(f"distill: {args.generate_log} has {len(pairs)} pairs but the training split has {args.expect}: "
                  "did fairseq-generate skip inputs (--skip-invalid-size-inputs-valid-test, max positions)?")
@@ -62,8 +93,13 @@ def main(argv=None):
         for s, h in pairs:
             fs.write(s + "\n")
             ft.write(h + "\n")
-    print(f"distill: {len(pairs)} pairs written to {args.out_prefix}.{{src,tgt}} ({empty} empty teacher outputs, kept"
-          + (f"; {dropped} consecutive repeated pieces dropped)" if args.collapse_repeats else ")"))
+    notes = [f"{empty} empty targets, kept"]
+    if args.max_repeat_rate is not None:
+        notes.append(f"{kept_reference} references kept where the teacher looped or wrote nothing "
+                     f"(repeat rate > {args.max_repeat_rate})")
+    if args.collapse_repeats:
+        notes.append(f"{dropped} consecutive repeated pieces dropped")
+    print(f"distill: {len(pairs)} pairs written to {args.out_prefix}.{{src,tgt}} ({'; '.join(notes)})")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ from fairseq.models import (
 from fairseq.models.transformer import TransformerConfig, TransformerEncoderBase
 from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr
 from omegaconf import II, DictConfig, OmegaConf, open_dict
 
 from .canvas import LONG_TARGET_CHOICES, MASK_SYMBOL, POST_EOS_CHOICES, canvas_lengths, make_canvas
 from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
+from .option_checks import add_checked_args, add_refused_args, at_least, check_fields, within
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,16 @@ class ElmerNATConfig(FairseqDataclass):
     activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
         default="gelu", metadata={"help": "activation function"}
     )
-    dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
-    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout probability", "check": within(0, 1, True)})
+    attention_dropout: float = field(
+        default=0.1, metadata={"help": "dropout on attention weights", "check": within(0, 1, True)}
+    )
+    activation_dropout: float = field(
+        default=0.0, metadata={"help": "dropout after the FFN activation", "check": within(0, 1, True)}
+    )
     encoder_embed_dim: int = field(default=768, metadata={"help": "encoder embedding dimension"})
     encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "encoder FFN dimension"})
-    encoder_layers: int = field(default=6, metadata={"help": "encoder layers"})
+    encoder_layers: int = field(default=6, metadata={"help": "encoder layers", "check": at_least(1)})
     encoder_attention_heads: int = field(default=12, metadata={"help": "encoder attention heads"})
     encoder_normalize_before: bool = field(
         default=False, metadata={"help": "pre-norm encoder layers (BART is post-norm)"}
@@ -62,7 +68,7 @@ class ElmerNATConfig(FairseqDataclass):
     decoder_embed_dim: int = field(default=768, metadata={"help": "decoder embedding dimension"})
     decoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "decoder FFN dimension"})
     decoder_layers: int = field(
-        default=6, metadata={"help": "decoder layers L; each has an off-ramp, so L exit layers"}
+        default=6, metadata={"help": "decoder layers L; each has an off-ramp, so L exit layers", "check": at_least(1)}
     )
     decoder_attention_heads: int = field(default=12, metadata={"help": "decoder attention heads"})
     decoder_normalize_before: bool = field(
@@ -72,8 +78,18 @@ class ElmerNATConfig(FairseqDataclass):
     # fairseq turns a bool option into a flag that flips its default, so every bool here
     # defaults to False and names the departure from BART-base.
     no_layernorm_embedding: bool = field(default=False, metadata={"help": "no layer norm on the embeddings"})
+    layernorm_embedding: bool = field(
+        default=False,
+        metadata={"help": "accepted as in fairseq's command lines: elmer_nat normalises the embeddings unless "
+                  "--no-layernorm-embedding (giving both is refused)"},
+    )
     scale_embedding: bool = field(
         default=False, metadata={"help": "scale embeddings by sqrt(dim) (BART does not)"}
+    )
+    no_scale_embedding: bool = field(
+        default=False,
+        metadata={"help": "accepted as in fairseq's command lines: elmer_nat scales no embedding unless "
+                  "--scale-embedding (giving both is refused)"},
     )
     no_share_all_embeddings: bool = field(
         default=False,
@@ -93,6 +109,20 @@ class ElmerNATConfig(FairseqDataclass):
         default=False,
         metadata={"help": "accepted as in fairseq's transformer command lines: the (last) off-ramp is always the "
                   "decoder's embedding matrix"},
+    )
+    encoder_learned_pos: bool = field(
+        default=False,
+        metadata={"help": "accepted as in fairseq's NAT command lines: the encoder's positions are learned unless "
+                  "--sinusoidal-encoder-positions (giving both is refused)"},
+    )
+    decoder_learned_pos: bool = field(
+        default=False,
+        metadata={"help": "accepted as in fairseq's NAT command lines: the decoder's positions are always learned"},
+    )
+    apply_bert_init: bool = field(
+        default=False,
+        metadata={"help": "initialise every Linear and Embedding as BERT (normal, std 0.02), as fairseq's NAT "
+                  "models do with this flag; leaves a --restore-file/--init-from-bart checkpoint's weights alone"},
     )
     per_layer_off_ramps: bool = field(
         default=False,
@@ -115,7 +145,10 @@ class ElmerNATConfig(FairseqDataclass):
     )
     model_exit_threshold: float = field(
         default=0.5,
-        metadata={"help": "hard early exit: the entropy threshold δ (natural log) in training and, by default, generation"},
+        metadata={
+            "help": "hard early exit: the entropy threshold δ (natural log) in training and, by default, generation",
+            "check": at_least(0),
+        },
     )
     hard_all_layer_loss: bool = field(
         default=False,
@@ -123,14 +156,17 @@ class ElmerNATConfig(FairseqDataclass):
     )
     soft_gold_prob: float = field(
         default=0.3,
-        metadata={"help": "soft early exit: in training, the probability that a position feeds the gold token's embedding"},
+        metadata={
+            "help": "soft early exit: in training, the probability that a position feeds the gold token's embedding",
+            "check": within(0, 1),
+        },
     )
     per_layer_soft_mix: bool = field(
         default=False,
         metadata={"help": "soft early exit: one W (2d -> d, Eq. 12) per layer instead of one shared"},
     )
     canvas_len_a: float = field(
-        default=1.0, metadata={"help": "canvas length T = floor(a * source length + b): the a"}
+        default=1.0, metadata={"help": "canvas length T = floor(a * source length + b): the a", "check": at_least(0)}
     )
     canvas_len_b: int = field(
         default=10, metadata={"help": "canvas length T = floor(a * source length + b): the b"}
@@ -145,6 +181,30 @@ class ElmerNATConfig(FairseqDataclass):
     )
     max_source_positions: int = II("task.max_source_positions")
     max_target_positions: int = II("task.max_target_positions")
+
+
+_NO_LENGTH = "elmer_nat predicts no length: each output ends at the first </s> of its one pass (see --length-rule)"
+_NOT_IMPLEMENTED = "not implemented in elmer_nat"
+# fairseq transformer / NAT model flags that elmer_nat cannot honour: refused at parse time, never ignored
+REFUSED_FLAGS = {
+    "--pred-length-offset": _NO_LENGTH,
+    "--length-loss-factor": _NO_LENGTH,
+    "--sg-length-pred": _NO_LENGTH,
+    "--src-embedding-copy": "elmer_nat's decoder input is the <mask> canvas, not a copy of the source embeddings",
+    "--no-token-positional-embeddings": "the <mask> canvas carries nothing but positions; the decoder needs them",
+    "--adaptive-softmax-cutoff": "every off-ramp is a full softmax over the target dictionary (exit needs its entropy)",
+    "--adaptive-softmax-dropout": "every off-ramp is a full softmax over the target dictionary",
+    "--tie-adaptive-weights": "every off-ramp is a full softmax over the target dictionary",
+    "--encoder-layerdrop": _NOT_IMPLEMENTED,
+    "--decoder-layerdrop": _NOT_IMPLEMENTED + " (every decoder layer is an exit point)",
+    "--no-cross-attention": "the decoder reads the source only through cross-attention",
+    "--cross-self-attention": _NOT_IMPLEMENTED,
+    "--checkpoint-activations": _NOT_IMPLEMENTED,
+    "--offload-activations": _NOT_IMPLEMENTED,
+    "--quant-noise-pq": _NOT_IMPLEMENTED,
+    "--decoder-output-dim": "the off-ramps read the decoder's --decoder-embed-dim states",
+    "--decoder-input-dim": "the canvas embeddings have --decoder-embed-dim",
+}
 
 
 def _transformer_config(cfg) -> TransformerConfig:
@@ -180,14 +240,11 @@ def check_config(cfg):
     """Reject nonsense options at start, naming the flag."""
     if cfg.share_all_embeddings and cfg.no_share_all_embeddings:
         raise ValueError("--share-all-embeddings and --no-share-all-embeddings contradict each other; give one")
-    if cfg.decoder_layers < 1:
-        raise ValueError(f"--decoder-layers must be >= 1, got {cfg.decoder_layers}")
-    if cfg.model_exit_threshold < 0:
-        raise ValueError(f"--model-exit-threshold must be >= 0, got {cfg.model_exit_threshold}")
-    if not 0.0 <= cfg.soft_gold_prob <= 1.0:
-        raise ValueError(f"--soft-gold-prob must lie in [0, 1], got {cfg.soft_gold_prob}")
-    if cfg.canvas_len_a < 0:
-        raise ValueError(f"--canvas-len-a must be >= 0, got {cfg.canvas_len_a}")
+    for yes, no in (("encoder_learned_pos", "sinusoidal_encoder_positions"), ("layernorm_embedding", "no_layernorm_embedding"),
+                    ("no_scale_embedding", "scale_embedding")):
+        if getattr(cfg, yes, False) and getattr(cfg, no, False):
+            raise ValueError(f"--{yes.replace('_', '-')} and --{no.replace('_', '-')} contradict each other; give one")
+    check_fields(cfg, ElmerNATConfig)
     if math.floor(cfg.canvas_len_b + cfg.canvas_len_a) < 1:
         raise ValueError(
             f"--canvas-len-a {cfg.canvas_len_a} --canvas-len-b {cfg.canvas_len_b} give a canvas "
@@ -202,6 +259,12 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
     def __init__(self, cfg, encoder, decoder):
         super().__init__(encoder, decoder)
         self.cfg = cfg
+
+    @classmethod
+    def add_args(cls, parser):
+        # no defaults here, as fairseq's own add_args: the architecture's defaults fill them in
+        add_checked_args(parser, ElmerNATConfig, delete_default=True)
+        add_refused_args(parser, REFUSED_FLAGS)
 
     @classmethod
     def build_model(cls, cfg, task):
@@ -228,7 +291,10 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
             nn.init.constant_(emb.weight[emb.padding_idx], 0)
         encoder = TransformerEncoderBase(tcfg, src_dict, enc_emb)
         decoder = ElmerDecoder(cfg, tcfg, tgt_dict, dec_emb)
-        return cls(cfg, encoder, decoder)
+        model = cls(cfg, encoder, decoder)
+        if cfg.apply_bert_init:
+            model.apply(init_bert_params)
+        return model
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Refuse a checkpoint of another dictionary size, naming both; fine-tuning an lplm/hard
@@ -258,15 +324,19 @@ class ElmerNATModel(FairseqEncoderDecoderModel):
         )
         return make_canvas(lengths, self.decoder.mask_idx, self.decoder.padding_idx)
 
-    def forward(self, src_tokens, src_lengths, prev_output_tokens, exit_layers=None, policy=None, return_all_hiddens=False):
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, exit_layers=None, policy=None, return_all_hiddens=False,
+                encoder_out=None):
         """Encode once and decode the canvas ``prev_output_tokens``.
 
         ``prev_output_tokens`` may hold k canvases per source (k*B rows, as
         LPLM's samples): the encoder output is then repeated k times rather
         than recomputed. ``exit_layers`` (k*B, T) in 1..L selects
         ``AssignedExit``; otherwise ``policy`` (default: last layer).
+        ``encoder_out``: this batch's encoder output, computed by the caller (GLAT's two decoder passes
+        share one encoder pass).
         """
-        encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
+        if encoder_out is None:
+            encoder_out = self.encoder(src_tokens, src_lengths=src_lengths)
         bsz = src_tokens.size(0)
         if prev_output_tokens.size(0) != bsz:
             k = prev_output_tokens.size(0) // bsz

@@ -7,6 +7,7 @@ semantics of the decoder (a token that exited stays a key/value above).
 them as one batch of k*B canvases over a single encoder pass.
 """
 
+import argparse
 import math
 from dataclasses import dataclass, field
 
@@ -18,15 +19,21 @@ from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
 from .exit_policies import EntropyExit, SoftExit, ban_tokens, banned_tokens, generation_policy
+from .option_checks import add_checked_args, at_least, check_fields, within
 
 
 @dataclass
 class LPLMCriterionConfig(FairseqDataclass):
     lplm_samples: int = field(
         default=1,
-        metadata={"help": "exit-layer assignments drawn per sequence, run in one batched pass (paper: 10 in pre-training)"},
+        metadata={
+            "help": "exit-layer assignments drawn per sequence, run in one batched pass (paper: 10 in pre-training)",
+            "check": at_least(1),
+        },
     )
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing epsilon, 0 for none"})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "label smoothing epsilon, 0 for none", "check": within(0, 1, True)}
+    )
     glat: bool = field(
         default=False,
         metadata={
@@ -37,15 +44,20 @@ class LPLMCriterionConfig(FairseqDataclass):
         },
     )
     glat_ratio: float = field(
-        default=0.5, metadata={"help": "glancing ratio at the first update (fraction of the Hamming distance revealed)"}
+        default=0.5,
+        metadata={
+            "help": "glancing ratio at the first update (fraction of the Hamming distance revealed)",
+            "check": within(0, 1),
+        },
     )
     glat_ratio_end: float = field(
-        default=0.3, metadata={"help": "glancing ratio reached, linearly, at --glat-anneal-updates"}
+        default=0.3,
+        metadata={"help": "glancing ratio reached, linearly, at --glat-anneal-updates", "check": within(0, 1)},
     )
     glat_anneal_updates: int = field(
         default=0,
         metadata={"help": "updates over which the glancing ratio anneals from --glat-ratio to --glat-ratio-end "
-                  "(e.g. --max-update); 0: --glat-ratio throughout"},
+                  "(e.g. --max-update); 0: --glat-ratio throughout", "check": at_least(0)},
     )
 
 
@@ -62,13 +74,9 @@ class LPLMCriterion(FairseqCriterion):
     def __init__(self, task, lplm_samples=1, label_smoothing=0.0, glat=False, glat_ratio=0.5, glat_ratio_end=0.3,
                  glat_anneal_updates=0):
         super().__init__(task)
-        if lplm_samples < 1:
-            raise ValueError(f"--lplm-samples must be >= 1, got {lplm_samples}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1), got {label_smoothing}")
-        for flag, value in (("--glat-ratio", glat_ratio), ("--glat-ratio-end", glat_ratio_end)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{flag} must lie in [0, 1], got {value}")
+        given = argparse.Namespace(lplm_samples=lplm_samples, label_smoothing=label_smoothing, glat_ratio=glat_ratio,
+                                   glat_ratio_end=glat_ratio_end, glat_anneal_updates=glat_anneal_updates)
+        check_fields(given, LPLMCriterionConfig)
         self.k = lplm_samples
         self.eps = label_smoothing
         self.glat = glat
@@ -77,6 +85,10 @@ class LPLMCriterion(FairseqCriterion):
         self.glat_anneal_updates = glat_anneal_updates or 0
         self.num_updates = 0
         self.banned = banned_tokens(task.target_dictionary)
+
+    @classmethod
+    def add_args(cls, parser):
+        add_checked_args(parser, LPLMCriterionConfig)
 
     def set_num_updates(self, num_updates):
         """Called by the task before every training step (the glancing ratio anneals with it)."""
@@ -102,17 +114,20 @@ class LPLMCriterion(FairseqCriterion):
         )
         strategy = model.cfg.early_exit
         revealed = None
+        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
         if self.glat and model.training:
-            canvas, mask, revealed = self._glance(model, src_tokens, src_lengths, canvas, targets, mask)
+            # one encoder pass (with gradient) serves the glancing pass and the trained pass
+            net_input["encoder_out"] = model.encoder(src_tokens, src_lengths=src_lengths)
+            canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
         if exit_layers is not None or strategy == "lplm":
-            loss, nll_loss, layer_sum, k = self._lplm(model, src_tokens, src_lengths, canvas, targets, mask, exit_layers)
+            loss, nll_loss, layer_sum, k = self._lplm(model, net_input, canvas, targets, mask, exit_layers)
         elif self.k != 1:
             raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy}")
         elif strategy == "hard":
-            loss, nll_loss, layer_sum = self._hard(model, src_tokens, src_lengths, canvas, targets, mask)
+            loss, nll_loss, layer_sum = self._hard(model, net_input, canvas, targets, mask)
             k = 1
         else:
-            loss, nll_loss, layer_sum = self._soft(model, src_tokens, src_lengths, canvas, targets, mask)
+            loss, nll_loss, layer_sum = self._soft(model, net_input, canvas, targets, mask)
             k = 1
 
         sample_size = mask.sum()
@@ -130,7 +145,7 @@ class LPLMCriterion(FairseqCriterion):
             logging_output["glat_ratio_x1000"] = 1000 * self.glancing_ratio() * src_tokens.size(0)
         return loss / k, sample_size, logging_output
 
-    def _glance(self, model, src_tokens, src_lengths, canvas, targets, mask):
+    def _glance(self, model, net_input, canvas, targets, mask):
         """Glancing sampling (GLAT): predict the canvas in one no-grad pass with the generation
         policy of the model's strategy, count per sentence the trained positions it gets wrong
         (Hamming distance d), and put the reference token on the canvas at ratio x d positions drawn
@@ -141,7 +156,7 @@ class LPLMCriterion(FairseqCriterion):
         threshold = cfg.model_exit_threshold if cfg.early_exit == "hard" else None
         policy = generation_policy(cfg.early_exit, threshold, self.banned)
         with torch.no_grad():
-            states, _ = model(src_tokens, src_lengths, canvas, policy=policy)
+            states, _ = model(prev_output_tokens=canvas, policy=policy, **net_input)
             if isinstance(policy, EntropyExit):
                 predicted = policy.tokens.t()
             else:
@@ -159,7 +174,7 @@ class LPLMCriterion(FairseqCriterion):
         lprobs = utils.log_softmax(logits, dim=-1)
         return label_smoothed_nll_loss(lprobs, target, self.eps, reduce=True)
 
-    def _lplm(self, model, src_tokens, src_lengths, canvas, targets, mask, exit_layers):
+    def _lplm(self, model, net_input, canvas, targets, mask, exit_layers):
         """Eq. 9 for k exit-layer draws per sequence, in one batch; the loss is summed over the k."""
         pad = self.task.target_dictionary.pad()
         k = self.k
@@ -176,19 +191,19 @@ class LPLMCriterion(FairseqCriterion):
             targets = targets.repeat_interleave(k, dim=0)
             mask = mask.repeat_interleave(k, dim=0)
         exit_layers = exit_layers.masked_fill(canvas.eq(pad), 1)  # padding runs no extra layer
-        states, _ = model(src_tokens, src_lengths, canvas, exit_layers=exit_layers)
+        states, _ = model(prev_output_tokens=canvas, exit_layers=exit_layers, **net_input)
         layers = exit_layers[mask]
         loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
         return loss, nll_loss, layers.sum().data, k
 
-    def _hard(self, model, src_tokens, src_lengths, canvas, targets, mask):
+    def _hard(self, model, net_input, canvas, targets, mask):
         """Hard early exit (Eq. 10) as at inference: each token's exit layer is the first whose
         off-ramp entropy is below δ (no gradient through the decision); the loss is taken there.
         With --hard-all-layer-loss, the mean loss over the layers that ran is added, each layer scored
         on its own output at every trained position (exited tokens included)."""
         policy = EntropyExit(model.cfg.model_exit_threshold, keep_predictions=False)
         all_layers = model.cfg.hard_all_layer_loss
-        states, extra = model(src_tokens, src_lengths, canvas, policy=policy, return_all_hiddens=all_layers)
+        states, extra = model(prev_output_tokens=canvas, policy=policy, return_all_hiddens=all_layers, **net_input)
         layers = extra["exit_layers"][mask]
         loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
         if all_layers:
@@ -198,7 +213,7 @@ class LPLMCriterion(FairseqCriterion):
                 loss = loss + l_loss / len(per_layer)
         return loss, nll_loss, layers.sum().data
 
-    def _soft(self, model, src_tokens, src_lengths, canvas, targets, mask):
+    def _soft(self, model, net_input, canvas, targets, mask):
         """Soft early exit (Eq. 11-12): cross-entropy at every layer, averaged over layers;
         nll_loss reports the last layer, which generation reads."""
         policy = SoftExit(
@@ -208,7 +223,7 @@ class LPLMCriterion(FairseqCriterion):
             keep_logits=True,
             banned=self.banned,  # as in generation: the next layer sees the embedding generation feeds it
         )
-        states, _ = model(src_tokens, src_lengths, canvas, policy=policy)
+        states, _ = model(prev_output_tokens=canvas, policy=policy, **net_input)
         L = model.num_exit_layers
         loss, nll_loss = self._nll(model.decoder.off_ramp(states[mask], L), targets[mask])
         loss = loss / L

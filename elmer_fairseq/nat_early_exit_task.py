@@ -23,6 +23,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .early_exit_generator import LENGTH_RULES, EarlyExitGenerator
 from .canvas import MASK_SYMBOL
+from .option_checks import add_checked_args, at_least, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,14 @@ class NATEarlyExitConfig(TranslationConfig):
         metadata={
             "help": "hard early exit at generation (Eq. 10): a token exits at the first decoder layer whose "
             "off-ramp entropy (natural log) is below this threshold; 0: every token exits at the last layer; "
-            "unset: the checkpoint's --early-exit strategy (hard: its --model-exit-threshold)"
+            "unset: the checkpoint's --early-exit strategy (hard: its --model-exit-threshold)",
+            "check": at_least(0),
         },
+    )
+    noise: ChoiceEnum(["full_mask"]) = field(
+        default="full_mask",
+        metadata={"help": "accepted as in fairseq's translation_lev command lines: ELMER's decoder input is all "
+                  "<mask> (full_mask); the other translation_lev noises do not apply to it"},
     )
     collapse_repeats: bool = field(
         default=False, metadata={"help": "remove consecutive duplicate tokens from generated hypotheses"}
@@ -93,9 +100,12 @@ def _raw_sizes(dataset):
 class NATEarlyExitTask(TranslationTask):
     cfg: NATEarlyExitConfig
 
+    @classmethod
+    def add_args(cls, parser):
+        add_checked_args(parser, NATEarlyExitConfig)
+
     def __init__(self, cfg, src_dict, tgt_dict):
-        if cfg.exit_threshold is not None and cfg.exit_threshold < 0:
-            raise ValueError(f"--exit-threshold must be >= 0, got {cfg.exit_threshold}")
+        check_fields(cfg, NATEarlyExitConfig)
         for name, dictionary in (("source", src_dict), ("target", tgt_dict)):
             if MASK_SYMBOL not in dictionary:
                 dictionary.add_symbol(MASK_SYMBOL)

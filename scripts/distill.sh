@@ -11,6 +11,8 @@
 #   BEAM (4), MAX_TOKENS (20000, per generation batch), MAX_LEN_B (128), CPU (1 on a machine without CUDA)
 #   COLLAPSE   1 (default): drop consecutive repeated pieces from the teacher's outputs (an undertrained
 #              teacher's beam search loops, "ir ir ir"); 0 keeps them as decoded
+#   MAX_REPEAT_RATE  R: keep the reference target where more than R of the teacher's pieces repeat the piece
+#              before, or it wrote nothing (a looping teacher; counted); unset: every target is the teacher's
 #   JOBS       decoding processes, each a shard of the batches (default: the CPU cores on CPU, one
 #              thread each, which beats one process of many threads at these batch sizes; 1 on GPU)
 # Then train any recipe on it with DISTILL=$OUT (or pass $OUT as the data directory to fairseq-train).
@@ -71,6 +73,7 @@ fi
 n_train=$(python -c "import sys; from fairseq.data import data_utils; print(len(data_utils.load_indexed_dataset(sys.argv[1], None)))" "$DATA/train.src-tgt.src")
 collapse=()
 if [ "${COLLAPSE:-1}" = 1 ]; then collapse=(--collapse-repeats); fi
+if [ -n "${MAX_REPEAT_RATE:-}" ]; then collapse+=(--max-repeat-rate "$MAX_REPEAT_RATE"); fi
 python -m elmer_fairseq.distill "$TEXT/generate-train.txt" "$TEXT/train" --expect "$n_train" "${collapse[@]}"
 echo "== decoding took $(( $(date +%s) - start )) s"
 

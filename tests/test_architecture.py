@@ -48,3 +48,22 @@ def test_fairseq_share_flags_are_accepted_and_contradictions_refused(task):
     assert shared.decoder.off_ramps[-1].weight is shared.decoder.embed_tokens.weight
     with pytest.raises(ValueError, match="--share-all-embeddings and --no-share-all-embeddings"):
         make_model(task, share_all_embeddings=True, no_share_all_embeddings=True)
+
+
+def test_fairseq_compat_flags_are_honoured_or_refused(task):
+    """--encoder/decoder-learned-pos, --layernorm-embedding and --no-scale-embedding are what elmer_nat already
+    does (a contradiction is refused); --apply-bert-init re-initialises as fairseq's NAT models do."""
+    from conftest import make_model
+
+    default = make_model(task)
+    bert = make_model(task, apply_bert_init=True, encoder_learned_pos=True, decoder_learned_pos=True,
+                      layernorm_embedding=True, no_scale_embedding=True)
+    fc1 = bert.decoder.layers[0].fc1
+    # init_bert_params: Linear ~ N(0, 0.02), bias 0; the default (xavier) has a wider spread at this size
+    assert abs(fc1.weight.std().item() - 0.02) < 0.003 and fc1.bias.abs().max().item() == 0
+    assert abs(default.decoder.layers[0].fc1.weight.std().item() - 0.02) > 0.01
+    for yes, no in [("encoder_learned_pos", "sinusoidal_encoder_positions"),
+                    ("layernorm_embedding", "no_layernorm_embedding"), ("no_scale_embedding", "scale_embedding")]:
+        flags = f"--{yes.replace('_', '-')} and --{no.replace('_', '-')} contradict"
+        with pytest.raises(ValueError, match=flags):
+            make_model(task, **{yes: True, no: True})

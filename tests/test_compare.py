@@ -33,6 +33,23 @@ def test_distill_pairs_follow_sentence_ids_and_refuse_gaps():
         pairs_from_generate_log(["S-0\ta", "H-0\t-1\tA", "S-1\tb"])
 
 
+def test_distill_keeps_the_reference_where_the_teacher_loops(tmp_path, capsys):
+    from elmer_fairseq import distill
+
+    log = tmp_path / "gen.txt"
+    log.write_text("\n".join([
+        "S-0\tsrc zero", "T-0\tgold zero", "H-0\t-0.1\tfine output here",          # repeat rate 0: kept
+        "S-1\tsrc one", "T-1\tgold one", "H-1\t-0.2\tos os os os lib",             # 3 of 5 repeat: reference
+        "S-2\tsrc two", "T-2\tgold two", "H-2\t-0.3\t",                            # empty: reference
+        "S-3\tsrc three", "T-3\tgold three", "H-3\t-0.4\ta a b c d e f g h i",     # 1 of 10 repeats: kept
+    ]) + "\n", encoding="utf-8")
+    distill.main([str(log), str(tmp_path / "out"), "--expect", "4", "--max-repeat-rate", "0.2", "--collapse-repeats"])
+    assert (tmp_path / "out.tgt").read_text().splitlines() == ["fine output here", "gold one", "gold two", "a b c d e f g h i"]
+    assert (tmp_path / "out.src").read_text().splitlines() == ["src zero", "src one", "src two", "src three"]
+    said = capsys.readouterr().out
+    assert "2 references kept where the teacher looped or wrote nothing" in said and "1 consecutive repeated pieces dropped" in said
+
+
 def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), os.path.join(REPO, "data-bin", "sample-raw"),

@@ -129,7 +129,7 @@ def test_glancing_reveals_ratio_times_hamming_distance(task):
     d = task.target_dictionary
     targets, mask, _ = align_targets(sample["target"], canvas, d.pad(), d.eos(), "ignore", "truncate")
     torch.manual_seed(0)
-    new_canvas, new_mask, revealed = crit._glance(model, src, src_len, canvas, targets, mask)
+    new_canvas, new_mask, revealed = crit._glance(model, {"src_tokens": src, "src_lengths": src_len}, canvas, targets, mask)
     # the naive reference: the generation policy's prediction, counted position by position
     with torch.no_grad():
         states, _ = model(src, src_len, canvas, policy=generation_policy("soft", None, banned_tokens(d)))
@@ -234,3 +234,29 @@ def test_hard_all_layer_loss_scores_each_layers_own_output(task):
     want = ce(exit_state.transpose(0, 1), 1)  # one shared off-ramp: the layer index does not matter
     want = want + sum(ce(y.transpose(0, 1), i + 1) for i, y in enumerate(own)) / len(own)
     assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_glancing_step_encodes_once_and_matches_two_encoder_passes(task):
+    """The glancing pass and the trained pass share one encoder pass; without dropout the loss is the
+    one of encoding twice (the previous implementation), with the same glancing draw."""
+    model = make_model(task, seed=5, early_exit="soft", soft_gold_prob=0.0)  # dropout 0: deterministic
+    sample = make_sample(task, SOURCES, TARGETS)
+    crit = make_criterion(task, glat=True, glat_ratio=0.5)
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(3)
+    loss, _, _ = crit(model.train(), sample)
+    handle.remove()
+    assert len(calls) == 1
+    # reference: glance and train each with their own encoder pass
+    src, src_len = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    from elmer_fairseq.canvas import align_targets
+
+    d = task.target_dictionary
+    canvas = model.initialize_canvas(src_len)
+    targets, mask, _ = align_targets(sample["target"], canvas, d.pad(), d.eos(), model.cfg.post_eos, "truncate")
+    torch.manual_seed(3)
+    own = {"src_tokens": src, "src_lengths": src_len}
+    canvas, mask, _ = crit._glance(model, own, canvas, targets, mask)
+    ref, _, _ = crit._soft(model, own, canvas, targets, mask)
+    assert torch.allclose(loss, ref)
