@@ -20,6 +20,12 @@ setup(
         "rouge-score",
         "sacrebleu>=2.0",
         "nltk",
+        # --tensorboard-logdir: fairseq writes through torch.utils.tensorboard (needs tensorboard, whose event
+        # reader the tests use); tensorboardX silences fairseq's "Please install tensorboardX" at every import
+        "tensorboard",
+        "tensorboardX",
+        # elmer-export / elmer-import: pickle-free model files
+        "safetensors",
     ],
     extras_require={
         # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
@@ -28,5 +34,9 @@ setup(
         "convert": ["safetensors"],
         "test": ["pytest", "pytest-xdist", "matplotlib", "safetensors", "transformers>=4.40,<5"],
     },
-    entry_points={"console_scripts": ["elmer-score = elmer_fairseq.score:main"]},
+    entry_points={"console_scripts": [
+        "elmer-score = elmer_fairseq.score:main",
+        "elmer-export = elmer_fairseq.export:export_main",
+        "elmer-import = elmer_fairseq.export:import_main",
+    ]},
 )

@@ -13,7 +13,7 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import EntropyExit, LastLayerExit, banned_tokens, generation_policy
+from .exit_policies import LastLayerExit, banned_tokens, generation_policy
 
 LENGTH_RULES = ("first-eos", "mode", "median")
 
@@ -148,15 +148,16 @@ class EarlyExitGenerator:
         canvas = model.initialize_canvas(src_lengths)
         pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
-        if self.compile and type(policy) is LastLayerExit:
+        if self.compile and policy.plain_last_layer:
             logits = self._compiled_forward(model)(src_tokens, src_lengths, canvas)
             exit_layers = LastLayerExit.exit_layers(pad, model.num_exit_layers)
         else:
             states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
             exit_layers = extra["exit_layers"]
-            logits = None if isinstance(policy, EntropyExit) else model.decoder.off_ramp(states, model.num_exit_layers)
+            logits = None if policy.predicts else model.decoder.off_ramp(states, model.num_exit_layers)
         if logits is None:  # hard exit read each token at its own exit layer already
-            tokens, scores, eos_scores = policy.tokens.t(), policy.scores.t(), policy.eos_scores.t()
+            found = extra["predictions"]
+            tokens, scores, eos_scores = found["tokens"], found["scores"], found["eos_scores"]
         else:
             scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos)
         if self.length_rule == "first-eos":  # </s> wherever it wins; the output ends at the first

@@ -431,7 +431,10 @@ class ElmerDecoder(FairseqDecoder):
 
         Returns ``(exit_states, extra)``: exit_states (B, T, C) holds h^{l_t}
         of every token t at its exit layer l_t (the state Eq. 9 scores), and
-        ``extra["exit_layers"]`` (B, T) the l_t (0 at padding). With
+        ``extra["exit_layers"]`` (B, T) the l_t (0 at padding), and
+        ``extra["predictions"]`` what the policy produced: a predicting policy's
+        ``tokens``/``scores``/``eos_scores`` (B, T) at each token's exit layer,
+        soft exit's ``layer_logits`` (a list of (B, T, V)). With
         ``return_all_hiddens``, ``extra["inner_states"]`` lists the (T, B, C)
         states after the embedding and after each layer that ran (an exited
         token's carried state), and ``extra["layer_outputs"]`` each layer's
@@ -447,21 +450,22 @@ class ElmerDecoder(FairseqDecoder):
         enc_pad = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         self_pad = pad if pad.any() else None
 
-        if type(policy) is LastLayerExit and not return_all_hiddens:
+        if policy.plain_last_layer and not return_all_hiddens:
             states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
-            return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "policy": policy}
+            return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "predictions": {}}
 
         done = pad.t()  # (T, B): padding counts as exited
         exit_layer = torch.zeros_like(done, dtype=torch.long)
         exit_state = torch.zeros_like(x)
         inner_states = [x] if return_all_hiddens else None
         layer_outputs = [] if return_all_hiddens else None
+        out = {}  # what the policy produces during this pass
         for idx in range(last):
             layer = idx + 1
             y, _, _ = self.layers[idx](
                 x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False
             )
-            now = policy(layer, y, ~done, layer == last, self)
+            now = policy(layer, y, ~done, layer == last, self, out)
             exit_state = torch.where(now[..., None], y, exit_state)
             exit_layer = exit_layer.masked_fill(now, layer)
             done = done | now
@@ -474,9 +478,10 @@ class ElmerDecoder(FairseqDecoder):
             if layer < last:
                 if policy.may_stop_early and bool(done.all()):
                     break
-                x = policy.transform(layer, x, self)
+                x = policy.transform(layer, x, self, out)
+        predictions = {key: value if key == "layer_logits" else value.t() for key, value in out.items()}
         extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "layer_outputs": layer_outputs,
-                 "policy": policy}
+                 "predictions": predictions}
         return exit_state.transpose(0, 1), extra
 
 

@@ -3,8 +3,10 @@
 The decoder (``ElmerDecoder.forward``) runs its layers and, after each layer
 ``l``, asks the policy which of the still-active tokens exit there. A token
 that exits at ``l`` keeps ``h^l`` in every upper layer (paper §4.1). Before
-the next layer the policy may also rewrite the states (soft exit). The
-policies are:
+the next layer the policy may also rewrite the states (soft exit). A policy
+holds its settings only: what it produces during a pass (hard exit's
+predictions, soft exit's per-layer logits) goes into the ``out`` dict that the
+decoder owns and returns as ``extra["predictions"]``. The policies are:
 
 - ``AssignedExit``: exit layers given in advance; LPLM draws them uniformly
   from 1..L (paper §4.2, Eq. 9).
@@ -40,9 +42,18 @@ def ban_tokens(scores, banned):
 
 
 class ExitPolicy:
-    """Base class. ``may_stop_early``: the decoder checks "all exited?" per layer."""
+    """Base class. Capability flags, read by the decoder and the generator:
+
+    - ``may_stop_early``: tokens may all exit before the last layer (the decoder checks "all exited?");
+    - ``plain_last_layer``: every token exits at the last layer and no state is rewritten, so the decoder
+      may run its layers without the exit bookkeeping (and the generator may compile that pass);
+    - ``predicts``: the pass leaves each token's prediction at its exit layer in ``out`` (``tokens``,
+      ``scores``, ``eos_scores``), so the caller need not project the exit states again.
+    """
 
     may_stop_early = False
+    plain_last_layer = False
+    predicts = False
 
     def num_layers_to_run(self, num_layers: int) -> int:
         return num_layers
@@ -51,24 +62,32 @@ class ExitPolicy:
         """Bool (T, B): tokens whose exit condition holds after ``layer`` (1-based)."""
         raise NotImplementedError
 
-    def __call__(self, layer: int, states, active, is_last: bool, decoder):
+    def __call__(self, layer: int, states, active, is_last: bool, decoder, out):
         """Bool (T, B): the active tokens that exit at ``layer``; all of them at the last."""
         if is_last:
             now = active
+            lprobs = None
         else:
-            now = self.exit_now(layer, states, decoder) & active
-        self.record(layer, states, now, decoder)
+            exits, lprobs = self.exit_test(layer, states, decoder)
+            now = exits & active
+        self.record(layer, states, now, decoder, out, lprobs)
         return now
 
-    def record(self, layer: int, states, now, decoder):
-        """Hook for policies that keep the predictions made at the exit layer."""
+    def exit_test(self, layer: int, states, decoder):
+        """(bool (T, B) exit condition after ``layer``, the off-ramp log-probs it computed or None)."""
+        return self.exit_now(layer, states, decoder), None
 
-    def transform(self, layer: int, states, decoder):
+    def record(self, layer: int, states, now, decoder, out, lprobs):
+        """Hook for policies that write predictions made at the exit layer into ``out``."""
+
+    def transform(self, layer: int, states, decoder, out):
         """The states that feed layer ``layer + 1``; unchanged by default."""
         return states
 
 
 class LastLayerExit(ExitPolicy):
+    plain_last_layer = True
+
     def exit_now(self, layer, states, decoder):
         return torch.zeros(states.shape[:2], dtype=torch.bool, device=states.device)
 
@@ -114,36 +133,28 @@ class EntropyExit(ExitPolicy):
             raise ValueError(f"--exit-threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self.banned = list(banned)
-        self.keep_predictions = keep_predictions
+        self.predicts = keep_predictions
         self.eos = eos
-        self.tokens = None
-        self.scores = None
-        self.eos_scores = None
-        self._lprobs = None
 
-    def exit_now(self, layer, states, decoder):
+    def exit_test(self, layer, states, decoder):
         with torch.no_grad():
-            self._lprobs = decoder.off_ramp_log_probs(states, layer)
-            entropy = -(self._lprobs.exp() * self._lprobs).sum(-1)
-        return entropy < self.threshold
+            lprobs = decoder.off_ramp_log_probs(states, layer)
+            entropy = -(lprobs.exp() * lprobs).sum(-1)
+        return entropy < self.threshold, lprobs
 
-    def record(self, layer, states, now, decoder):
-        lprobs, self._lprobs = self._lprobs, None
-        if not self.keep_predictions:
+    def record(self, layer, states, now, decoder, out, lprobs):
+        if not self.predicts:
             return
         if lprobs is None:  # the last layer: no exit test ran there
             with torch.no_grad():
                 lprobs = decoder.off_ramp_log_probs(states, layer)
         banned = self.banned if self.eos is None else self.banned + [self.eos]
         scores, tokens = ban_tokens(lprobs, banned).max(-1)
-        eos_scores = lprobs[..., self.eos] if self.eos is not None else None
-        if self.tokens is None:
-            self.tokens, self.scores, self.eos_scores = tokens, scores, eos_scores
-        else:
-            self.tokens = torch.where(now, tokens, self.tokens)
-            self.scores = torch.where(now, scores, self.scores)
-            if eos_scores is not None:
-                self.eos_scores = torch.where(now, eos_scores, self.eos_scores)
+        new = {"tokens": tokens, "scores": scores}
+        if self.eos is not None:
+            new["eos_scores"] = lprobs[..., self.eos]
+        for key, value in new.items():
+            out[key] = value if key not in out else torch.where(now, value, out[key])
 
 
 class SoftExit(LastLayerExit):
@@ -153,9 +164,11 @@ class SoftExit(LastLayerExit):
     feeds layer l + 1 (no gradient through the argmax). In training, each
     position that has a reference token (``gold_mask``) takes the gold
     token's embedding instead with probability ``gold_prob`` (the released
-    code uses 0.3). With ``keep_logits`` the
-    off-ramp logits of layers 1..L-1 are kept, (B, T, V) each, for the loss.
+    code uses 0.3). With ``keep_logits`` the off-ramp logits of layers
+    1..L-1 go to ``out["layer_logits"]``, (B, T, V) each, for the loss.
     """
+
+    plain_last_layer = False  # it rewrites the states between layers
 
     def __init__(self, gold=None, gold_mask=None, gold_prob: float = 0.0, keep_logits=False, banned=()):
         if not 0.0 <= gold_prob <= 1.0:
@@ -165,12 +178,11 @@ class SoftExit(LastLayerExit):
         self.gold_prob = gold_prob
         self.keep_logits = keep_logits
         self.banned = list(banned)
-        self.layer_logits = []
 
-    def transform(self, layer, states, decoder):
+    def transform(self, layer, states, decoder, out):
         logits = decoder.off_ramp(states, layer)
         if self.keep_logits:
-            self.layer_logits.append(logits.transpose(0, 1))
+            out.setdefault("layer_logits", []).append(logits.transpose(0, 1))
         with torch.no_grad():
             tokens = ban_tokens(logits, self.banned).argmax(-1)
             if self.gold is not None and self.gold_prob > 0:

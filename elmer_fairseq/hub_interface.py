@@ -7,13 +7,17 @@
     m.generate(["Return the number of bytes written."], exit_threshold=0.5)
 
 Checkpoints load through fairseq's ``checkpoint_utils``, so with ``torch.load(weights_only=True)``
-and the plugin's allow-list. ``m.cuda()`` / ``m.half()`` move the model like any nn.Module.
+and the plugin's allow-list; ``ELMER.from_pretrained(OUT_DIR)`` on an ``elmer-export`` directory reads
+no pickle at all (``export.py``). ``m.cuda()`` / ``m.half()`` move the model like any nn.Module.
 """
 
+import os
 from typing import List, Optional, Union
 
 from fairseq import hub_utils, utils
 from fairseq.hub_utils import GeneratorHubInterface
+
+from . import export
 
 
 
@@ -40,6 +44,13 @@ class ELMER(GeneratorHubInterface):
         bpe: Optional[str] = None,
         **kwargs,
     ) -> "ELMER":
+        if os.path.isfile(os.path.join(model_name_or_path, export.CONFIG)):
+            # an elmer-export directory: JSON, text and safetensors, no pickle
+            if kwargs or bpe is not None:
+                raise ValueError(f"{model_name_or_path} is an elmer-export directory: it brings its own BPE and "
+                                 f"options; got {sorted(kwargs) + (['bpe'] if bpe else [])}")
+            cfg, task, model = export.load_exported(model_name_or_path)
+            return cls(cfg, task, [model])
         if bpe is not None:
             kwargs["bpe"] = bpe
         loaded = hub_utils.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)

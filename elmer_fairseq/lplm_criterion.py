@@ -120,14 +120,14 @@ class LPLMCriterion(FairseqCriterion):
             net_input["encoder_out"] = model.encoder(src_tokens, src_lengths=src_lengths)
             canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
         if exit_layers is not None or strategy == "lplm":
-            loss, nll_loss, layer_sum, k = self._lplm(model, net_input, canvas, targets, mask, exit_layers)
+            loss, nll_loss, layers, k = self._lplm(model, net_input, canvas, targets, mask, exit_layers)
         elif self.k != 1:
             raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy}")
         elif strategy == "hard":
-            loss, nll_loss, layer_sum = self._hard(model, net_input, canvas, targets, mask)
+            loss, nll_loss, layers = self._hard(model, net_input, canvas, targets, mask)
             k = 1
         else:
-            loss, nll_loss, layer_sum = self._soft(model, net_input, canvas, targets, mask)
+            loss, nll_loss, layers = self._soft(model, net_input, canvas, targets, mask)
             k = 1
 
         sample_size = mask.sum()
@@ -137,9 +137,13 @@ class LPLMCriterion(FairseqCriterion):
             "ntokens": sample["ntokens"],
             "nsentences": src_tokens.size(0),
             "sample_size": sample_size,
-            "exit_layer_sum": layer_sum / k,
+            "exit_layer_sum": layers.sum().data / k,
             "long_targets": n_long,
         }
+        # per-layer exit counts (the exit_frac_l* scalars); bincount stays on the device
+        counts = torch.bincount(layers.detach(), minlength=model.num_exit_layers + 1)
+        for layer in range(1, model.num_exit_layers + 1):
+            logging_output[f"exit_count_l{layer}"] = counts[layer].data / k
         if revealed is not None:
             logging_output["glat_revealed"] = revealed.sum().data
             logging_output["glat_ratio_x1000"] = 1000 * self.glancing_ratio() * src_tokens.size(0)
@@ -156,9 +160,9 @@ class LPLMCriterion(FairseqCriterion):
         threshold = cfg.model_exit_threshold if cfg.early_exit == "hard" else None
         policy = generation_policy(cfg.early_exit, threshold, self.banned)
         with torch.no_grad():
-            states, _ = model(prev_output_tokens=canvas, policy=policy, **net_input)
-            if isinstance(policy, EntropyExit):
-                predicted = policy.tokens.t()
+            states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
+            if policy.predicts:
+                predicted = extra["predictions"]["tokens"]
             else:
                 logits = model.decoder.off_ramp(states, model.num_exit_layers)
                 predicted = ban_tokens(logits, self.banned).argmax(-1)
@@ -194,7 +198,7 @@ class LPLMCriterion(FairseqCriterion):
         states, _ = model(prev_output_tokens=canvas, exit_layers=exit_layers, **net_input)
         layers = exit_layers[mask]
         loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
-        return loss, nll_loss, layers.sum().data, k
+        return loss, nll_loss, layers, k
 
     def _hard(self, model, net_input, canvas, targets, mask):
         """Hard early exit (Eq. 10) as at inference: each token's exit layer is the first whose
@@ -211,7 +215,7 @@ class LPLMCriterion(FairseqCriterion):
             for layer, h in enumerate(per_layer, start=1):
                 l_loss, _ = self._nll(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer), targets[mask])
                 loss = loss + l_loss / len(per_layer)
-        return loss, nll_loss, layers.sum().data
+        return loss, nll_loss, layers
 
     def _soft(self, model, net_input, canvas, targets, mask):
         """Soft early exit (Eq. 11-12): cross-entropy at every layer, averaged over layers;
@@ -223,14 +227,14 @@ class LPLMCriterion(FairseqCriterion):
             keep_logits=True,
             banned=self.banned,  # as in generation: the next layer sees the embedding generation feeds it
         )
-        states, _ = model(prev_output_tokens=canvas, policy=policy, **net_input)
+        states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
         L = model.num_exit_layers
         loss, nll_loss = self._nll(model.decoder.off_ramp(states[mask], L), targets[mask])
         loss = loss / L
-        for logits in policy.layer_logits:
+        for logits in extra["predictions"].get("layer_logits", []):
             l_loss, _ = self._nll(logits[mask], targets[mask])
             loss = loss + l_loss / L
-        return loss, nll_loss, (mask.sum() * L).data
+        return loss, nll_loss, torch.full_like(targets[mask], L)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -243,6 +247,10 @@ class LPLMCriterion(FairseqCriterion):
         metrics.log_scalar("nll_loss", total("nll_loss") / denom / math.log(2), sample_size, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
         metrics.log_scalar("exit_layer", total("exit_layer_sum") / denom, sample_size, round=2)
+        count_keys = sorted({key for log in logging_outputs for key in log if key.startswith("exit_count_l")},
+                            key=lambda key: int(key[len("exit_count_l"):]))
+        for key in count_keys:  # the share of trained tokens exiting at each layer (tensorboard: one curve each)
+            metrics.log_scalar("exit_frac_l" + key[len("exit_count_l"):], total(key) / denom, sample_size, round=3)
         metrics.log_scalar_sum("long_targets", total("long_targets"))
         if any("glat_revealed" in log for log in logging_outputs):
             nsentences = max(total("nsentences"), 1)

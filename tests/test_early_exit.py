@@ -156,7 +156,7 @@ def test_soft_gold_mixing(task, prob):
     gold = torch.randint(4, 10, (B, T))
     gold_mask = torch.ones(B, T, dtype=torch.bool)
     gold_mask[1, 3:] = False  # no reference there: always the prediction
-    out = SoftExit(gold=gold, gold_mask=gold_mask, gold_prob=prob).transform(1, states, dec)
+    out = SoftExit(gold=gold, gold_mask=gold_mask, gold_prob=prob).transform(1, states, dec, {})
     predicted = dec.off_ramp(states, 1).argmax(-1)
     used = torch.where(gold_mask.t() & (prob == 1.0), gold.t(), predicted)
     torch.testing.assert_close(out, dec.soft_mix(used, states, 1), rtol=0, atol=0)
