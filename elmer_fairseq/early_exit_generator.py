@@ -141,10 +141,10 @@ class EarlyExitGenerator:
             threshold = model.cfg.model_exit_threshold
         return generation_policy(model.cfg.early_exit, threshold, self.banned, eos=self.eos)
 
-    @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
-    def decode(self, model, src_tokens, src_lengths):
-        """Tokens, scores and exit layers (each (B, T)) of the whole canvas, and the output lengths
-        (B,) under the length rule; tokens hold ``</s>`` at each output's end."""
+    @torch.no_grad()
+    def position_scores(self, model, src_tokens, src_lengths):
+        """The one pass, before any length decision: per canvas position (each (B, T)) the best token
+        other than ``</s>``, its log-probability, log p(``</s>``), the exit layer, and the padding mask."""
         canvas = model.initialize_canvas(src_lengths)
         pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
@@ -160,6 +160,13 @@ class EarlyExitGenerator:
             tokens, scores, eos_scores = found["tokens"], found["scores"], found["eos_scores"]
         else:
             scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos)
+        return tokens, scores, eos_scores, exit_layers, pad
+
+    @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place
+    def decode(self, model, src_tokens, src_lengths):
+        """Tokens, scores and exit layers (each (B, T)) of the whole canvas, and the output lengths
+        (B,) under the length rule; tokens hold ``</s>`` at each output's end."""
+        tokens, scores, eos_scores, exit_layers, pad = self.position_scores(model, src_tokens, src_lengths)
         if self.length_rule == "first-eos":  # </s> wherever it wins; the output ends at the first
             lengths = None
             is_eos = (eos_scores - self.eos_penalty > scores) & ~pad

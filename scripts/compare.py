@@ -55,10 +55,12 @@ ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat
 
 # name -> (extra fairseq-train flags, decodes {label: extra fairseq-generate flags}); "kd" in the
 # name: trained on the distilled training split
+CALIBRATED = "calibrated"  # first </s> with the --eos-penalty chosen on training pairs (length_calibration.py)
 ELMER_DECODES = {
     "first </s>": ["--length-rule", "first-eos"],
     "most probable </s>": ["--length-rule", "mode"],
     "median </s>": ["--length-rule", "median"],
+    "first </s>, eos penalty from train": CALIBRATED,
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
@@ -230,9 +232,13 @@ def generate(args, name, label, ckpt, tag=""):
     slug = re.sub(r"[^a-z0-9]+", "-", f"{label} {tag}".lower()).strip("-")
     out = os.path.join(args.work, name, f"valid.{slug}.txt")
     if not os.path.exists(out + ".json"):
+        flags, penalty = decodes[label], None
+        if flags == CALIBRATED:
+            penalty = calibrated_penalty(args, name, ckpt)
+            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)]
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
-               "--max-source-positions", "512", "--truncate-source", *decodes[label],
+               "--max-source-positions", "512", "--truncate-source", *flags,
                # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
                "--user-dir", os.path.join(REPO, "elmer_fairseq")]
         if name != "ar":
@@ -246,6 +252,8 @@ def generate(args, name, label, ckpt, tag=""):
         with open(out, encoding="utf-8") as f:
             hyps, refs = parse_generate_log(f)
         record = {"system": name, "decode": label, "checkpoint": ckpt, "generate_wall_s": wall}
+        if penalty is not None:
+            record["eos_penalty"] = penalty
         for collapse in (False, True):
             s = score(hyps, refs, collapse_words=collapse)
             suffix = " (repeats removed)" if collapse else ""
@@ -256,6 +264,17 @@ def generate(args, name, label, ckpt, tag=""):
             json.dump(record, f, indent=1)
     with open(out + ".json") as f:
         return json.load(f)
+
+
+def calibrated_penalty(args, name, ckpt):
+    """The --eos-penalty whose output/reference length ratio on --calibration-pairs training pairs is
+    nearest 1 (elmer_fairseq/length_calibration.py; cached). The valid split is not read."""
+    out = os.path.join(args.work, name, f"calibration.{os.path.basename(ckpt)}.json")
+    if not os.path.exists(out):
+        run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
+             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out], out=out + ".log")
+    with open(out) as f:
+        return json.load(f)["eos_penalty"]
 
 
 def bs1_ms(args, name, ckpt, tag=""):
@@ -328,6 +347,8 @@ def main(argv=None):
     p.add_argument("--valid-limit", type=int, help="use the first N valid pairs only")
     p.add_argument("--bs1-sentences", type=int, default=100, help="sentences timed at batch size 1 (0: skip)")
     p.add_argument("--no-time-matched", action="store_true", help="skip the time-matched column")
+    p.add_argument("--calibration-pairs", type=int, default=1000,
+                   help="training pairs on which the 'eos penalty from train' decoding picks its --eos-penalty")
     p.add_argument("--at-update", type=int, metavar="N",
                    help="score every system at its interval checkpoint of N updates (a multiple of --save-every) "
                    "instead of training to --max-update; systems still training are read as they are")

@@ -55,16 +55,18 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), os.path.join(REPO, "data-bin", "sample-raw"),
            "--work", str(work), "--size", "tiny", "--max-update", "8", "--save-every", "4", "--warmup", "4",
            "--train-limit", "200", "--valid-limit", "16", "--vocab", "300", "--bs1-sentences", "2",
-           "--systems", "ar,elmer-soft-kd-glat"]
+           "--systems", "ar,elmer-soft-kd-glat", "--calibration-pairs", "50"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "compare.json").read_text())
     rows = {(r["system"], r["decode"]): r for r in report["rows"]}
     assert set(rows) == {("ar", "beam 4"), ("ar", "greedy"), ("elmer-soft-kd-glat", "first </s>"),
-                         ("elmer-soft-kd-glat", "most probable </s>"), ("elmer-soft-kd-glat", "median </s>")}
+                         ("elmer-soft-kd-glat", "most probable </s>"), ("elmer-soft-kd-glat", "median </s>"),
+                         ("elmer-soft-kd-glat", "first </s>, eos penalty from train")}
     for r in rows.values():
         assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
         assert r["length_ratio"] >= 0 and r["bs1_ms"] > 0 and r["updates"] == 8  # 8 updates may write nothing
+    assert rows[("elmer-soft-kd-glat", "first </s>, eos penalty from train")]["eos_penalty"] >= 0
     elmer = rows[("elmer-soft-kd-glat", "most probable </s>")]
     assert elmer["time_matched_updates"] in (0, 4, 8) and "time_matched_rougeL" in elmer
     # the distilled training targets are the teacher's beam outputs, one per training pair

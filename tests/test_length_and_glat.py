@@ -260,3 +260,29 @@ def test_glancing_step_encodes_once_and_matches_two_encoder_passes(task):
     canvas, mask, _ = crit._glance(model, own, canvas, targets, mask)
     ref, _, _ = crit._soft(model, own, canvas, targets, mask)
     assert torch.allclose(loss, ref)
+
+
+def test_length_calibration_grid_matches_the_generator_and_picks_the_nearest_ratio(task):
+    """One pass serves the whole penalty grid: at every penalty, the lengths equal what the generator
+    writes with that --eos-penalty (</s> not counted); the choice is the ratio nearest the target."""
+    from elmer_fairseq.length_calibration import choose_penalty, length_table, lengths_at_penalties
+
+    model = make_model(task, seed=2, canvas_len_b=4)
+    d = task.target_dictionary
+    penalties = [0.0, 0.5, 1.0, 2.0, 4.0, 50.0]
+    src, src_len = encode(task, SOURCES)
+    generator = EarlyExitGenerator(d)
+    _, scores, eos_scores, _, pad = generator.position_scores(model, src, src_len)
+    grid = lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties))
+    for row, pen in enumerate(penalties):
+        hypos = run_generator(task, model, eos_penalty=pen)
+        written = [int(h[0]["tokens"].numel()) - int(h[0]["tokens"][-1] == d.eos()) for h in hypos]
+        assert grid[row].tolist() == written, pen
+    sample = make_sample(task, SOURCES, TARGETS)
+    table = length_table(model, generator, [sample], penalties, d.pad())
+    ref = sum(len(t.split()) for t in TARGETS)
+    assert all(r == ref for _, r in table.values())
+    assert [table[p][0] for p in penalties] == grid.sum(1).tolist()
+    chosen = choose_penalty(table, 1.0)
+    assert abs(table[chosen][0] / ref - 1) == min(abs(h / ref - 1) for h, _ in table.values())
+    assert choose_penalty({0.0: (5, 10), 1.0: (10, 10), 2.0: (10, 10)}) == 1.0  # the smallest on a tie
