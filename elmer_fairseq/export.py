@@ -24,6 +24,7 @@ import shutil
 
 import torch
 from fairseq import checkpoint_utils, tasks
+from fairseq.data import data_utils
 from omegaconf import OmegaConf
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,14 @@ def export_model(checkpoint, out_dir, data_dir=None):
         raise ValueError(f"{checkpoint}: model {cfg.model._name!r} is not an elmer_nat model")
     config = OmegaConf.to_container(cfg, resolve=False)
     os.makedirs(out_dir, exist_ok=True)
-    data = data_dir or cfg.task.data
-    for lang in (cfg.task.source_lang, cfg.task.target_lang):
+    data = (data_dir or cfg.task.data).split(os.pathsep)[0]
+    langs = (cfg.task.source_lang, cfg.task.target_lang)
+    if None in langs:  # fairseq found the pair from the file names at training time: do the same
+        langs = data_utils.infer_language_pair(data)
+        if None in langs:
+            raise FileNotFoundError(f"{data}: no train.SRC-TGT.SRC.bin files to tell the language pair (pass --data DIR)")
+        config["task"]["source_lang"], config["task"]["target_lang"] = langs
+    for lang in langs:
         src = os.path.join(data, f"dict.{lang}.txt")
         if not os.path.isfile(src):
             raise FileNotFoundError(f"{src}: the dictionary of the checkpoint's task is missing (pass --data DIR)")
@@ -83,8 +90,11 @@ def export_model(checkpoint, out_dir, data_dir=None):
             files[f"{section}.{key}"] = os.path.basename(path)
     stored, aliases = split_tied(state["model"])
     save_file(stored, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    history = state.get("optimizer_history") or [{}]
+    meta = {"format": FORMAT, "cfg": config, "aliases": aliases, "files": files,
+            "num_updates": int(history[-1].get("num_updates", 0))}
     with open(os.path.join(out_dir, CONFIG), "w", encoding="utf-8") as f:
-        json.dump({"format": FORMAT, "cfg": config, "aliases": aliases, "files": files}, f, indent=1, sort_keys=True)
+        json.dump(meta, f, indent=1, sort_keys=True)
     logger.info(f"exported {checkpoint} to {out_dir}: {len(stored)} tensors, {len(aliases)} tied aliases")
     return out_dir
 
@@ -154,8 +164,14 @@ def load_exported(out_dir):
 def import_model(out_dir, checkpoint):
     """Write a fairseq checkpoint (for fairseq-generate --path) from an elmer-export directory."""
     cfg, _, model = load_exported(out_dir)
+    _, meta = read_config(out_dir)
+    # fairseq's loader reads the last optimizer_history entry (criterion, optimizer, updates); there is
+    # no optimizer state in an export, so training cannot resume from it, only start (--restore-file
+    # with --reset-optimizer) or generate
+    history = [{"criterion_name": str(cfg.criterion._name) if cfg.criterion else None,
+                "optimizer_name": None, "lr_scheduler_state": {}, "num_updates": meta.get("num_updates", 0)}]
     state = {"cfg": OmegaConf.to_container(cfg, resolve=False), "args": None, "model": model.state_dict(),
-             "optimizer_history": [], "extra_state": {}, "last_optimizer_state": None}
+             "optimizer_history": history, "extra_state": {}, "last_optimizer_state": None}
     os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
     torch.save(state, checkpoint)
     return checkpoint
