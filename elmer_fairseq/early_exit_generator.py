@@ -13,7 +13,8 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import LastLayerExit, banned_tokens, generation_policy
+from .exit_policies import LastLayerExit, banned_tokens
+from .exit_strategies import strategy_of
 
 LENGTH_RULES = ("first-eos", "mode", "median")
 
@@ -117,8 +118,6 @@ class EarlyExitGenerator:
 
     def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
                  length_rule="first-eos", eos_penalty=0.0):
-        if exit_threshold is not None and exit_threshold < 0:
-            raise ValueError(f"--exit-threshold must be >= 0, got {exit_threshold}")
         if length_rule not in LENGTH_RULES:
             raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
         self.tgt_dict = tgt_dict
@@ -136,10 +135,7 @@ class EarlyExitGenerator:
 
     def make_policy(self, model):
         """The exit rule: --exit-threshold if given, else the checkpoint's --early-exit strategy."""
-        threshold = self.exit_threshold
-        if threshold is None and model.cfg.early_exit == "hard":
-            threshold = model.cfg.model_exit_threshold
-        return generation_policy(model.cfg.early_exit, threshold, self.banned, eos=self.eos)
+        return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned, eos=self.eos)
 
     @torch.no_grad()
     def position_scores(self, model, src_tokens, src_lengths):

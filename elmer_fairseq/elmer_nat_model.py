@@ -33,11 +33,10 @@ from omegaconf import II, DictConfig, OmegaConf, open_dict
 
 from .canvas import LONG_TARGET_CHOICES, MASK_SYMBOL, POST_EOS_CHOICES, canvas_lengths, make_canvas
 from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
+from .exit_strategies import EARLY_EXIT_HELP, STRATEGIES, strategy_of
 from .option_checks import add_checked_args, add_refused_args, at_least, check_fields, within
 
 logger = logging.getLogger(__name__)
-
-EARLY_EXIT_CHOICES = ("lplm", "hard", "soft")
 
 
 @dataclass
@@ -135,14 +134,7 @@ class ElmerNATConfig(FairseqDataclass):
             "(the released ELMER code detaches it; default: detached)"
         },
     )
-    early_exit: ChoiceEnum(EARLY_EXIT_CHOICES) = field(
-        default="lplm",
-        metadata={
-            "help": "exit strategy, in training and generation: lplm (random exit layers in training, Eq. 9; "
-            "the last layer at generation unless --exit-threshold), hard (entropy below --model-exit-threshold, "
-            "Eq. 10), soft (argmax embedding fed to the next layer, Eq. 11-12; the last layer is read)"
-        },
-    )
+    early_exit: ChoiceEnum(list(STRATEGIES)) = field(default="lplm", metadata={"help": EARLY_EXIT_HELP})
     model_exit_threshold: float = field(
         default=0.5,
         metadata={
@@ -380,7 +372,7 @@ class ElmerDecoder(FairseqDecoder):
         # the (last) off-ramp is the embedding matrix, as in BART and the released ELMER
         self.off_ramps[-1].weight = self.embed_tokens.weight
         self.soft_mixers = None
-        if cfg.early_exit == "soft" and cfg.decoder_layers > 1:
+        if strategy_of(cfg).soft_mix and cfg.decoder_layers > 1:
             num_mix = cfg.decoder_layers - 1 if cfg.per_layer_soft_mix else 1
             self.soft_mixers = nn.ModuleList([nn.Linear(2 * embed_dim, embed_dim, bias=False) for _ in range(num_mix)])
             for mix in self.soft_mixers:

@@ -129,8 +129,6 @@ class EntropyExit(ExitPolicy):
     may_stop_early = True
 
     def __init__(self, threshold: float, banned=(), keep_predictions=True, eos=None):
-        if threshold < 0:
-            raise ValueError(f"--exit-threshold must be >= 0, got {threshold}")
         self.threshold = threshold
         self.banned = list(banned)
         self.predicts = keep_predictions
@@ -191,16 +189,3 @@ class SoftExit(LastLayerExit):
                     use_gold &= self.gold_mask
                 tokens = torch.where(use_gold, self.gold, tokens)
         return decoder.soft_mix(tokens, states, layer)
-
-
-def generation_policy(strategy: str, threshold, banned, eos=None):
-    """The exit rule of one-pass generation for a model trained with ``--early-exit strategy``:
-    soft: ``SoftExit``; otherwise hard exit at ``threshold`` δ (``EntropyExit``) when it is set and
-    positive, else every token at the last layer. The generator and GLAT's first pass use it."""
-    if strategy == "soft":
-        if threshold:
-            raise ValueError("--exit-threshold does not apply to a model trained with --early-exit soft")
-        return SoftExit(banned=banned)
-    if threshold:
-        return EntropyExit(threshold, banned=banned, eos=eos)
-    return LastLayerExit()

@@ -18,7 +18,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
-from .exit_policies import EntropyExit, SoftExit, ban_tokens, banned_tokens, generation_policy
+from .exit_policies import ban_tokens, banned_tokens
+from .exit_strategies import STRATEGIES, TrainingBatch, strategy_of
 from .option_checks import add_checked_args, at_least, check_fields, within
 
 
@@ -58,14 +59,6 @@ class LPLMCriterionConfig(FairseqDataclass):
         default=0,
         metadata={"help": "updates over which the glancing ratio anneals from --glat-ratio to --glat-ratio-end "
                   "(e.g. --max-update); 0: --glat-ratio throughout", "check": at_least(0)},
-    )
-
-
-def sample_exit_layers(canvas, num_layers: int, k: int, generator=None):
-    """k independent uniform draws of an exit layer in 1..L per position: (k*B, T), rows grouped per sentence."""
-    rows = canvas.size(0) * k
-    return torch.randint(
-        1, num_layers + 1, (rows, canvas.size(1)), device=canvas.device, generator=generator
     )
 
 
@@ -112,23 +105,20 @@ class LPLMCriterion(FairseqCriterion):
         targets, mask, n_long = align_targets(
             sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
         )
-        strategy = model.cfg.early_exit
+        # fixed exit layers (tests) are an LPLM pass whatever the model's strategy
+        strategy = STRATEGIES["lplm"] if exit_layers is not None else strategy_of(model.cfg)
+        if self.k != 1 and not strategy.samples:
+            raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy.name}")
         revealed = None
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
         if self.glat and model.training:
             # one encoder pass (with gradient) serves the glancing pass and the trained pass
             net_input["encoder_out"] = model.encoder(src_tokens, src_lengths=src_lengths)
             canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
-        if exit_layers is not None or strategy == "lplm":
-            loss, nll_loss, layers, k = self._lplm(model, net_input, canvas, targets, mask, exit_layers)
-        elif self.k != 1:
-            raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy}")
-        elif strategy == "hard":
-            loss, nll_loss, layers = self._hard(model, net_input, canvas, targets, mask)
-            k = 1
-        else:
-            loss, nll_loss, layers = self._soft(model, net_input, canvas, targets, mask)
-            k = 1
+        loss, nll_loss, layers, k = strategy.training_loss(TrainingBatch(
+            model=model, net_input=net_input, canvas=canvas, targets=targets, mask=mask, pad=pad,
+            banned=self.banned, nll=self._nll, samples=self.k, exit_layers=exit_layers,
+        ))
 
         sample_size = mask.sum()
         logging_output = {
@@ -156,9 +146,7 @@ class LPLMCriterion(FairseqCriterion):
         uniformly among the reference tokens. Returns (canvas, loss mask without the revealed
         positions, revealed (B, T))."""
         pad = self.task.target_dictionary.pad()
-        cfg = model.cfg
-        threshold = cfg.model_exit_threshold if cfg.early_exit == "hard" else None
-        policy = generation_policy(cfg.early_exit, threshold, self.banned)
+        policy = strategy_of(model.cfg).generation_policy(model.cfg, banned=self.banned)
         with torch.no_grad():
             states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
             if policy.predicts:
@@ -177,64 +165,6 @@ class LPLMCriterion(FairseqCriterion):
     def _nll(self, logits, target):
         lprobs = utils.log_softmax(logits, dim=-1)
         return label_smoothed_nll_loss(lprobs, target, self.eps, reduce=True)
-
-    def _lplm(self, model, net_input, canvas, targets, mask, exit_layers):
-        """Eq. 9 for k exit-layer draws per sequence, in one batch; the loss is summed over the k."""
-        pad = self.task.target_dictionary.pad()
-        k = self.k
-        if exit_layers is None:
-            # validation draws the same exit layers every time, so its loss is comparable across epochs
-            generator = None
-            if not model.training:
-                generator = torch.Generator(device=canvas.device).manual_seed(0)
-            exit_layers = sample_exit_layers(canvas, model.num_exit_layers, k, generator)
-        else:
-            k = exit_layers.size(0) // canvas.size(0)
-        if k > 1:
-            canvas = canvas.repeat_interleave(k, dim=0)
-            targets = targets.repeat_interleave(k, dim=0)
-            mask = mask.repeat_interleave(k, dim=0)
-        exit_layers = exit_layers.masked_fill(canvas.eq(pad), 1)  # padding runs no extra layer
-        states, _ = model(prev_output_tokens=canvas, exit_layers=exit_layers, **net_input)
-        layers = exit_layers[mask]
-        loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
-        return loss, nll_loss, layers, k
-
-    def _hard(self, model, net_input, canvas, targets, mask):
-        """Hard early exit (Eq. 10) as at inference: each token's exit layer is the first whose
-        off-ramp entropy is below δ (no gradient through the decision); the loss is taken there.
-        With --hard-all-layer-loss, the mean loss over the layers that ran is added, each layer scored
-        on its own output at every trained position (exited tokens included)."""
-        policy = EntropyExit(model.cfg.model_exit_threshold, keep_predictions=False)
-        all_layers = model.cfg.hard_all_layer_loss
-        states, extra = model(prev_output_tokens=canvas, policy=policy, return_all_hiddens=all_layers, **net_input)
-        layers = extra["exit_layers"][mask]
-        loss, nll_loss = self._nll(model.decoder.project(states[mask], layers), targets[mask])
-        if all_layers:
-            per_layer = extra["layer_outputs"]
-            for layer, h in enumerate(per_layer, start=1):
-                l_loss, _ = self._nll(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer), targets[mask])
-                loss = loss + l_loss / len(per_layer)
-        return loss, nll_loss, layers
-
-    def _soft(self, model, net_input, canvas, targets, mask):
-        """Soft early exit (Eq. 11-12): cross-entropy at every layer, averaged over layers;
-        nll_loss reports the last layer, which generation reads."""
-        policy = SoftExit(
-            gold=targets,
-            gold_mask=mask,
-            gold_prob=model.cfg.soft_gold_prob if model.training else 0.0,
-            keep_logits=True,
-            banned=self.banned,  # as in generation: the next layer sees the embedding generation feeds it
-        )
-        states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
-        L = model.num_exit_layers
-        loss, nll_loss = self._nll(model.decoder.off_ramp(states[mask], L), targets[mask])
-        loss = loss / L
-        for logits in extra["predictions"].get("layer_logits", []):
-            l_loss, _ = self._nll(logits[mask], targets[mask])
-            loss = loss + l_loss / L
-        return loss, nll_loss, torch.full_like(targets[mask], L)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

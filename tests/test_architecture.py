@@ -3,11 +3,10 @@
 import argparse
 
 import pytest
-import torch
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.bart import BARTModel
 
-from conftest import make_task
+from helpers import make_task
 from elmer_fairseq.elmer_nat_model import ElmerNATConfig, ElmerNATModel
 
 
@@ -41,7 +40,7 @@ def test_base_architecture_matches_fairseq_bart_base():
 
 
 def test_fairseq_share_flags_are_accepted_and_contradictions_refused(task):
-    from conftest import make_model
+    from helpers import make_model
 
     shared = make_model(task, share_all_embeddings=True, share_decoder_input_output_embed=True)
     assert shared.encoder.embed_tokens is shared.decoder.embed_tokens
@@ -53,7 +52,7 @@ def test_fairseq_share_flags_are_accepted_and_contradictions_refused(task):
 def test_fairseq_compat_flags_are_honoured_or_refused(task):
     """--encoder/decoder-learned-pos, --layernorm-embedding and --no-scale-embedding are what elmer_nat already
     does (a contradiction is refused); --apply-bert-init re-initialises as fairseq's NAT models do."""
-    from conftest import make_model
+    from helpers import make_model
 
     default = make_model(task)
     bert = make_model(task, apply_bert_init=True, encoder_learned_pos=True, decoder_learned_pos=True,

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from test_cli import TRAIN_FLAGS, generate_args, ok, run
+from helpers import TRAIN_FLAGS, generate_args, ok, run
 
 
 def preprocess(tmp, pairs, name="data-bin"):

@@ -7,68 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_payload_checkpoint
-
-TRAIN_FLAGS = [
-    "--user-dir", os.path.join(REPO, "elmer_fairseq"),
-    "--task", "nat_early_exit", "--arch", "elmer_nat_tiny", "--criterion", "lplm",
-    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-    "--encoder-layers", "2", "--decoder-layers", "3",
-    "--canvas-len-a", "0.5", "--canvas-len-b", "4",
-    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "512",
-    "--cpu", "--num-workers", "0", "--seed", "1", "--log-format", "simple", "--log-interval", "1",
-    "--no-epoch-checkpoints",
-]
-
-
-def run(module, args, **kw):
-    proc = subprocess.run(
-        [sys.executable, "-m", module] + args, capture_output=True, text=True, cwd=REPO, **kw
-    )
-    return proc
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def generate_args(dest, ckpt, *extra):
-    return [
-        str(dest), "--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat_early_exit",
-        "--path", str(ckpt), "--gen-subset", "test", "--cpu", "--batch-size", "4", *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
-    raw = os.path.join(REPO, "data-bin", "sample-raw")
-    tmp = tmp_path_factory.mktemp("cli")
-    # a word-level slice of the bundled corpus keeps this fast
-    for split, n in (("train", 48), ("valid", 8), ("test", 6)):
-        for side in ("src", "tgt"):
-            with open(os.path.join(raw, f"{split}.{side}"), encoding="utf-8") as f:
-                lines = [" ".join(next(f).split()[:24]) for _ in range(n)]
-            (tmp / f"{split}.{side}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    dest = tmp / "data-bin"
-    ok(run("fairseq_cli.preprocess", [
-        "--source-lang", "src", "--target-lang", "tgt",
-        "--trainpref", str(tmp / "train"), "--validpref", str(tmp / "valid"), "--testpref", str(tmp / "test"),
-        "--destdir", str(dest), "--joined-dictionary", "--workers", "1",
-    ]))
-    return tmp, dest
-
-
-@pytest.fixture(scope="module")
-def trained(data_bin):
-    tmp, dest = data_bin
-    ckpt = tmp / "ckpt"
-    out = ok(run("fairseq_cli.train", [str(dest)] + TRAIN_FLAGS + ["--max-update", "4", "--save-dir", str(ckpt)]))
-    assert (ckpt / "checkpoint_last.pt").exists()
-    losses = [float(x) for x in re.findall(r"\| loss ([0-9.]+) \|", out)]
-    assert losses, out[-2000:]
-    return tmp, dest, ckpt, out
+from helpers import REPO, TRAIN_FLAGS, generate_args, ok, run, write_payload_checkpoint
 
 
 def test_train_logs_lplm_metrics(trained):

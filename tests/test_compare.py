@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from elmer_fairseq.distill import pairs_from_generate_log
 from elmer_fairseq.score import collapse_words, score, text_shape
 

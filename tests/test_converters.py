@@ -12,7 +12,7 @@ from fairseq import checkpoint_utils
 from fairseq.models import ARCH_CONFIG_REGISTRY
 from fairseq.models.bart import BARTModel
 
-from conftest import REPO, encode, make_task
+from helpers import REPO, encode, make_task
 
 WORDS = [f"w{i}" for i in range(40)]
 TINY_BART = dict(
@@ -171,7 +171,7 @@ def test_hf_dictionary_from_gpt2_encoder_json(tmp_path):
 
 def test_converters_refuse_a_code_payload(tmp_path):
     """Both converters load with weights_only=True: a checkpoint that would run code is refused."""
-    from conftest import write_payload_checkpoint
+    from helpers import write_payload_checkpoint
 
     marker = tmp_path / "pwned"
     write_payload_checkpoint(tmp_path / "model.pt", marker)

@@ -13,8 +13,7 @@ import sys
 
 import torch
 
-from conftest import REPO
-from test_cli import TRAIN_FLAGS, data_bin, ok  # noqa: F401  (fixture)
+from helpers import REPO, TRAIN_FLAGS, ok
 
 UPDATES = 4
 FLAGS = TRAIN_FLAGS + [

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import encode, make_model, make_sample
+from helpers import encode, make_model, make_sample
+from naive_decoder import decoder_layer, naive_entropy_exit_layers
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator, collapse_repeats
 from elmer_fairseq.exit_policies import EntropyExit, SoftExit, banned_tokens
 from elmer_fairseq.lplm_criterion import LPLMCriterion
@@ -16,39 +17,7 @@ SOURCES = ["the cat sat on the mat", "a dog ran", "big red dog"]
 TARGETS = ["cat sat", "dog ran fast under the tree", "red"]
 
 
-def run_layer(dec, enc, idx, x, pad):
-    y, _, _ = dec.layers[idx](x, enc["encoder_out"][0], enc["encoder_padding_mask"][0], self_attn_padding_mask=pad)
-    return y
-
-
 # ---------------------------------------------------------------- hard exit
-
-
-def naive_entropy_exit_layers(model, src, src_len, canvas, threshold):
-    """Per-token loop: exit at the first layer whose off-ramp entropy < threshold; copy above."""
-    dec = model.decoder
-    enc = model.encoder(src, src_lengths=src_len)
-    x = dec.embed(canvas)
-    pad = canvas.eq(dec.padding_idx)
-    L = len(dec.layers)
-    exit_layer = {}
-    saved = {}
-    for idx in range(L):
-        y = run_layer(dec, enc, idx, x, pad).clone()
-        for b in range(canvas.size(0)):
-            for t in range(canvas.size(1)):
-                if pad[b, t]:
-                    continue
-                if (b, t) in exit_layer:
-                    y[t, b] = saved[b, t]
-                    continue
-                p = F.softmax(dec.off_ramp(y[t, b], idx + 1).double(), -1)
-                entropy = -(p * p.log()).sum()
-                if entropy < threshold or idx == L - 1:
-                    exit_layer[b, t] = idx + 1
-                    saved[b, t] = y[t, b].clone()
-        x = y
-    return exit_layer
 
 
 def entropy_quantiles(model, src, src_len, canvas):
@@ -173,7 +142,7 @@ def naive_soft_loss(model, sample, targets, mask):
     L = len(dec.layers)
     total = 0.0
     for idx in range(L):
-        y = run_layer(dec, enc, idx, x, pad)
+        y = decoder_layer(dec, enc, idx, x, pad)
         for b, t in mask.nonzero().tolist():
             lp = F.log_softmax(dec.off_ramp(y[t, b], idx + 1).double(), -1)
             total += -lp[targets[b, t]] / L

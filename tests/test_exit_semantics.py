@@ -2,38 +2,11 @@
 
 import torch
 
-from conftest import encode, make_model
+from helpers import encode, make_model
+from naive_decoder import naive_decode
 from elmer_fairseq.exit_policies import AssignedExit, EntropyExit
 
 SOURCES = ["the cat sat on the mat", "a dog ran"]
-
-
-def naive_decode(model, src, src_len, canvas, exit_layers):
-    """Per-layer, per-token loop: a token exiting at e keeps h^e above e."""
-    dec = model.decoder
-    enc = model.encoder(src, src_lengths=src_len)
-    x = dec.embed(canvas)
-    pad = canvas.eq(dec.padding_idx)
-    saved = {}
-    states = [x.clone()]
-    for idx, layer in enumerate(dec.layers):
-        level = idx + 1
-        y, _, _ = layer(
-            x, enc["encoder_out"][0], enc["encoder_padding_mask"][0], self_attn_padding_mask=pad
-        )
-        y = y.clone()
-        for b in range(canvas.size(0)):
-            for t in range(canvas.size(1)):
-                if pad[b, t]:
-                    continue
-                e = int(exit_layers[b, t])
-                if e < level:
-                    y[t, b] = saved[b, t]
-                elif e == level:
-                    saved[b, t] = y[t, b].clone()
-        x = y
-        states.append(x.clone())
-    return saved, states
 
 
 def setup(task, **kw):

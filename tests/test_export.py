@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from elmer_fairseq import ELMER
 from elmer_fairseq.export import export_model, load_exported
-from test_cli import data_bin, generate_args, ok, run, trained  # noqa: F401  (fixtures)
+from helpers import generate_args, ok, run
 
 
 def script(name):

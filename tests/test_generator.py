@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import encode, make_model, make_sample
+from helpers import encode, make_model, make_sample
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator, cut_at_first_eos
 from elmer_fairseq.lplm_criterion import LPLMCriterion
 
@@ -101,7 +101,7 @@ def test_tiny_model_overfits_a_handful_of_pairs(task):
 
 
 def test_checkpoint_of_another_dictionary_is_refused_by_name(task):
-    from conftest import make_task
+    from helpers import make_task
 
     model = make_model(task)
     other = make_model(make_task(["x", "y", "z"]))

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from elmer_fairseq import ELMER
-from test_cli import data_bin, ok, run, trained  # noqa: F401  (fixtures)
+from helpers import ok, run
 
 
 def test_api_matches_fairseq_interactive(trained):

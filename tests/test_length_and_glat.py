@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import encode, make_model, make_sample
+from helpers import encode, make_model, make_sample
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator, choose_lengths, length_log_probs
-from elmer_fairseq.exit_policies import EntropyExit, banned_tokens, generation_policy
+from elmer_fairseq.exit_policies import SoftExit, banned_tokens
+from elmer_fairseq.exit_strategies import STRATEGIES, TrainingBatch
 from elmer_fairseq.lplm_criterion import LPLMCriterion
 
 SOURCES = ["the cat sat on the mat", "a dog ran", "big red tree"]
@@ -132,7 +133,7 @@ def test_glancing_reveals_ratio_times_hamming_distance(task):
     new_canvas, new_mask, revealed = crit._glance(model, {"src_tokens": src, "src_lengths": src_len}, canvas, targets, mask)
     # the naive reference: the generation policy's prediction, counted position by position
     with torch.no_grad():
-        states, _ = model(src, src_len, canvas, policy=generation_policy("soft", None, banned_tokens(d)))
+        states, _ = model(src, src_len, canvas, policy=SoftExit(banned=banned_tokens(d)))
         logits = model.decoder.off_ramp(states, model.num_exit_layers)
         logits[..., banned_tokens(d)] = -math.inf
         pred = logits.argmax(-1)
@@ -258,7 +259,9 @@ def test_glancing_step_encodes_once_and_matches_two_encoder_passes(task):
     torch.manual_seed(3)
     own = {"src_tokens": src, "src_lengths": src_len}
     canvas, mask, _ = crit._glance(model, own, canvas, targets, mask)
-    ref, _, _ = crit._soft(model, own, canvas, targets, mask)
+    ref, _, _, _ = STRATEGIES["soft"].training_loss(TrainingBatch(
+        model=model, net_input=own, canvas=canvas, targets=targets, mask=mask, pad=d.pad(),
+        banned=banned_tokens(d), nll=crit._nll))
     assert torch.allclose(loss, ref)
 
 

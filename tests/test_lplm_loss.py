@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model, make_sample
+from helpers import make_model, make_sample
 from elmer_fairseq.canvas import align_targets
 from elmer_fairseq.lplm_criterion import LPLMCriterion
-from test_exit_semantics import naive_decode
+from naive_decoder import naive_decode
 
 SOURCES = ["the cat sat on the mat", "a dog ran", "big red dog"]
 TARGETS = ["cat sat", "dog ran fast under the tree", "red"]

@@ -8,14 +8,14 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
-from conftest import REPO
+from helpers import REPO
 from elmer_fairseq.elmer_denoising_task import (
     ElmerDenoisingConfig,
     ElmerDenoisingDataset,
     ElmerDenoisingTask,
     word_and_sentence_tables,
 )
-from test_cli import TRAIN_FLAGS, data_bin, ok, run  # noqa: F401  (fixture)
+from helpers import TRAIN_FLAGS, ok, run
 
 
 def spm_dictionary():

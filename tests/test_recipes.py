@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 from prepare_dataset import parlai_dialogues, parse_summary_file, prepare  # noqa: E402

@@ -1,6 +1,5 @@
 """Interrupted training loses nothing; two runs with one seed are identical; atomic checkpoint copies."""
 
-import os
 import random
 import re
 import signal
@@ -11,9 +10,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, write_payload_checkpoint
+from helpers import REPO, write_payload_checkpoint
 from elmer_fairseq.atomic_checkpoint_copy import atomic_copy
-from test_cli import TRAIN_FLAGS, data_bin, generate_args, ok, run  # noqa: F401  (fixture)
+from helpers import TRAIN_FLAGS, generate_args, ok, run
 
 UPDATES = 40
 RESUME_FLAGS = TRAIN_FLAGS + ["--max-update", str(UPDATES), "--save-interval-updates", "2", "--max-tokens", "256"]

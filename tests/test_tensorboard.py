@@ -5,7 +5,7 @@ import re
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from test_cli import TRAIN_FLAGS, data_bin, ok, run  # noqa: F401  (fixture)
+from helpers import TRAIN_FLAGS, ok, run
 
 
 def test_tensorboard_events_hold_losses_and_exit_fractions(data_bin, tmp_path):
