@@ -11,7 +11,7 @@ setup(
     install_requires=[
         # provides the `fairseq` package; the 0.12.2 release does not import on Python 3.11
         "fairseq-fixed==0.12.3.1",
-        # >= 2.6: torch.load defaults to weights_only=True, which safe_checkpoint.py builds on;
+        # >= 2.6: torch.load defaults to weights_only=True, which fairseq_compat.py builds on;
         # the Makefile installs 2.13.0 (CPU) only when no torch is present
         "torch>=2.6",
         "numpy",
@@ -30,7 +30,7 @@ setup(
     extras_require={
         # fastBPE 0.1.0 builds only from its .pyx: pip install cython && pip install --no-build-isolation fastBPE
         "fastbpe": ["fastBPE==0.1.0"],
-        # scripts/convert_hf_elmer.py reads model.safetensors; transformers only to test it
+        # elmer-convert-hf reads model.safetensors; transformers only to test it
         "convert": ["safetensors"],
         "test": ["pytest", "pytest-xdist", "matplotlib", "safetensors", "transformers>=4.40,<5"],
     },
@@ -38,5 +38,7 @@ setup(
         "elmer-score = elmer_fairseq.score:main",
         "elmer-export = elmer_fairseq.export:export_main",
         "elmer-import = elmer_fairseq.export:import_main",
+        "elmer-init-from-bart = elmer_fairseq.convert_bart:main",
+        "elmer-convert-hf = elmer_fairseq.convert_hf:main",
     ]},
 )

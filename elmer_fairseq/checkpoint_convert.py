@@ -1,7 +1,7 @@
 """Writing ``elmer_nat`` checkpoints from other models' weights.
 
-Used by ``scripts/init_from_bart.py`` (a fairseq BART checkpoint) and
-``scripts/convert_hf_elmer.py`` (a Hugging Face BART / released-ELMER
+Used by ``elmer-init-from-bart`` (``convert_bart.py``, a fairseq BART checkpoint)
+and ``elmer-convert-hf`` (``convert_hf.py``, a Hugging Face BART / released-ELMER
 checkpoint). A converted folder is a complete fairseq model folder:
 
     OUT/model.pt                         the elmer_nat checkpoint (fairseq format)
@@ -14,8 +14,10 @@ The model is built by fairseq from the current option names, every tensor
 is loaded with ``strict=True``, and nothing is dropped without a check.
 """
 
+import argparse
 import logging
 import os
+import pickle
 from typing import Dict, List
 
 import torch
@@ -113,3 +115,19 @@ def convert_weights(out_dir: str, dictionary: Dictionary, weights: Dict[str, tor
     path = os.path.join(out_dir, "model.pt")
     save_elmer(cfg, model, path)
     return path
+
+
+def converter_main(doc: str, arguments, convert) -> None:
+    """The command line of a converter (``elmer-init-from-bart``, ``elmer-convert-hf``): ``arguments``
+    is [(name, argparse keywords)]; options the parser does not know are elmer_nat model flags for the
+    new checkpoint; ``convert(args, model_flags)`` returns the path written, which is printed. A bad
+    input file ends the command with one line naming it."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    for name, kwargs in arguments:
+        parser.add_argument(name, **kwargs)
+    args, model_flags = parser.parse_known_args()
+    try:
+        print(convert(args, model_flags))
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")

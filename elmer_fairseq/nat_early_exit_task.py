@@ -7,10 +7,8 @@ returns the one-pass early-exit generator, so stock ``fairseq-generate`` and
 """
 
 import atexit
-import collections
 import io
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,6 +20,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .early_exit_generator import LENGTH_RULES, EarlyExitGenerator
+from .generation_io import ExitLayerReport, Utf8Guard
 from .canvas import MASK_SYMBOL
 from .option_checks import add_checked_args, at_least, check_fields
 
@@ -230,7 +229,7 @@ class NATEarlyExitTask(TranslationTask):
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         hypos = super().inference_step(generator, models, sample, prefix_tokens, constraints)
         if self.cfg.print_exit_layers:
-            self._exit_report.add(sample.get("id"), hypos)
+            self._exit_report.add(sample.get("id"), hypos, getattr(models[0], "num_exit_layers", None))
         return hypos
 
     @property
@@ -239,71 +238,3 @@ class NATEarlyExitTask(TranslationTask):
             self._report = ExitLayerReport()
             atexit.register(self._report.print_summary)
         return self._report
-
-
-class Utf8Guard:
-    """Input lines that were not valid UTF-8 reach fairseq-interactive as strings with lone
-    surrogates (Python's surrogateescape), which sentencepiece and the BPEs cannot take. Each
-    such line has its undecodable bytes replaced by U+FFFD, and is counted and logged."""
-
-    _SURROGATE = re.compile("[\ud800-\udfff]")
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.lines_seen = 0
-        self.lines_replaced = 0
-
-    def encode(self, text):
-        self.lines_seen += 1
-        bad = len(self._SURROGATE.findall(text))
-        if bad:
-            self.lines_replaced += 1
-            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            logger.warning(
-                f"input line {self.lines_seen} is not valid UTF-8: {bad} undecodable byte(s) replaced by "
-                f"U+FFFD ({self.lines_replaced} line(s) so far); convert the input to UTF-8 (e.g. iconv)"
-            )
-        return self.tokenizer.encode(text) if self.tokenizer is not None else text
-
-    def decode(self, text):
-        return self.tokenizer.decode(text) if self.tokenizer is not None else text
-
-
-class ExitLayerReport:
-    """E- lines per hypothesis and a closing histogram of exit layers (to stdout)."""
-
-    def __init__(self, stream=None):
-        self.stream = stream
-        self.counts = collections.Counter()
-        self.next_id = 0
-        self.warned = False
-
-    def add(self, ids, hypos):
-        """``ids``: the batch's sentence ids. fairseq-interactive passes none: its one-sentence
-        batches (the default) are numbered in order; larger ones only feed the summary."""
-        if ids is None and len(hypos) == 1:
-            ids = [self.next_id]
-        elif ids is None:
-            if not self.warned:
-                logger.warning("--print-exit-layers: these batches carry no sentence ids; E- lines need "
-                               "fairseq-generate or --batch-size 1, the summary counts every token")
-                self.warned = True
-        else:
-            ids = ids.tolist()
-        self.next_id += len(hypos)
-        for i, nbest in enumerate(hypos):
-            layers = nbest[0]["exit_layers"].tolist()
-            self.counts.update(layers)
-            if ids is not None:
-                print(f"E-{ids[i]}\t" + " ".join(map(str, layers)), file=self.stream or sys.stdout)
-
-    def summary(self):
-        total = sum(self.counts.values())
-        if not total:
-            return "Exit layers: no tokens"
-        fractions = " ".join(f"L{k}={v / total:.3f}" for k, v in sorted(self.counts.items()))
-        mean = sum(k * v for k, v in self.counts.items()) / total
-        return f"Exit layers: {fractions} | mean {mean:.3f} | tokens {total}"
-
-    def print_summary(self):
-        print(self.summary(), file=self.stream or sys.stdout, flush=True)

@@ -35,15 +35,13 @@ from contextlib import contextmanager
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairseq import checkpoint_utils, options, tasks, utils
+from fairseq.dataclass.configs import GenerationConfig
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-from fairseq import checkpoint_utils, options, tasks, utils  # noqa: E402
-from fairseq.dataclass.configs import GenerationConfig  # noqa: E402
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
-
-import elmer_fairseq  # noqa: E402,F401
-from elmer_fairseq.early_exit_generator import EarlyExitGenerator  # noqa: E402
-from elmer_fairseq.exit_policies import SoftExit  # noqa: E402
+import elmer_fairseq  # noqa: F401
+from elmer_fairseq.early_exit_generator import EarlyExitGenerator
+from elmer_fairseq.exit_policies import SoftExit
 
 logger = logging.getLogger("benchmark")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

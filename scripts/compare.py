@@ -360,7 +360,6 @@ def main(argv=None):
         p.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     if "ar" not in names:
         names.insert(0, "ar")  # the baseline, and the teacher of the kd systems
-    sys.path.insert(0, REPO)
     os.makedirs(args.work, exist_ok=True)
 
     prepare(args)

@@ -13,7 +13,7 @@
 #   GPT2_BPE_DIR   folder with encoder.json, vocab.bpe, dict.txt: GPT-2 BPE + BART's dictionary (needed
 #                  for BART-base or the released ELMER weights); otherwise a sentencepiece model of
 #                  VOCAB (32000) pieces is trained on the training split
-#   PRETRAINED     an elmer_nat checkpoint to start from (scripts/convert_hf_elmer.py, init_from_bart.py,
+#   PRETRAINED     an elmer_nat checkpoint to start from (elmer-convert-hf, elmer-init-from-bart,
 #                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
 #   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)

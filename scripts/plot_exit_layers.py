@@ -8,27 +8,6 @@ each log's hypotheses (ROUGE-L, from its ``D-``/``H-`` and ``T-`` lines) for the
 """
 
 import argparse
-import collections
-import os
-import re
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_E_LINE = re.compile(r"^E-\d+\t(.*)$")
-
-
-def exit_layer_fractions(lines):
-    """{layer: fraction of tokens} and the token count, from E- lines."""
-    counts = collections.Counter()
-    for line in lines:
-        m = _E_LINE.match(line.rstrip("\n"))
-        if m:
-            counts.update(int(x) for x in m.group(1).split())
-    total = sum(counts.values())
-    if not total:
-        raise ValueError("no E- lines: generate with --print-exit-layers")
-    return {k: v / total for k, v in sorted(counts.items())}, total
 
 
 def main():
@@ -47,6 +26,7 @@ def main():
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import sets DEBUG
     import matplotlib.pyplot as plt
 
+    from elmer_fairseq.generation_io import read_exit_layers
     from elmer_fairseq.score import parse_generate_log, score
 
     series = []
@@ -56,16 +36,20 @@ def main():
         delta, path = item.split("=", 1)
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
-        fractions, total = exit_layer_fractions(lines)
+        try:
+            hist = read_exit_layers(lines)
+        except ValueError as e:
+            parser.error(f"--log {path}: {e}")
         rouge_l = score(*parse_generate_log(lines))["ROUGE-L"]
-        series.append((delta, fractions, rouge_l))
-        mean = sum(k * v for k, v in fractions.items())
-        print(f"δ={delta}: ROUGE-L {rouge_l:.2f}, mean exit layer {mean:.2f}, {total} tokens")
+        series.append((delta, hist, rouge_l))
+        print(f"δ={delta}: ROUGE-L {rouge_l:.2f}, {hist.summary()}")
 
-    layers = sorted({k for _, fr, _ in series for k in fr})
+    # every layer 1..L, also those no token exited at (as in the paper's Figure 2)
+    layers = list(range(1, max(len(hist.layers()) for _, hist, _ in series) + 1))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, (delta, fractions, rouge_l) in enumerate(series):
+    for i, (delta, hist, rouge_l) in enumerate(series):
+        fractions = hist.fractions()
         xs = [layer + (i - (len(series) - 1) / 2) * width for layer in layers]
         ax.bar(xs, [fractions.get(layer, 0.0) for layer in layers], width,
                label=f"δ={delta} (ROUGE-L {rouge_l:.1f})")

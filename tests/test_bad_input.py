@@ -132,7 +132,7 @@ def test_option_checks_apply_without_argparse_too():
 def test_non_utf8_interactive_lines_are_replaced_and_counted(caplog):
     """fairseq-interactive hands undecodable stdin bytes over as lone surrogates; the task's
     tokenizer guard replaces them with U+FFFD, counts the line and says so."""
-    from elmer_fairseq.nat_early_exit_task import Utf8Guard
+    from elmer_fairseq.generation_io import Utf8Guard
 
     class Upper:
         def encode(self, x):

@@ -88,7 +88,8 @@ def test_print_exit_layers_and_plot(trained, tmp_path):
             assert len(layers.split()) - len(h_lines[idx].split()) in (0, 1)
         expected = "3" if delta == "0" else "1"  # δ = 0: the last of 3 layers; huge δ: layer 1
         assert {x for _, layers in e_lines for x in layers.split()} == {expected}
-        assert re.search(rf"Exit layers: L{expected}=1.000 \| mean {expected}.000", out)
+        every = " ".join(f"L{k}={1.0 if str(k) == expected else 0.0:.3f}" for k in (1, 2, 3))
+        assert f"Exit layers: {every} | mean {expected}.000" in out  # every layer shows, empty ones too
         log = tmp_path / f"gen{delta}.txt"
         log.write_text(out, encoding="utf-8")
         logs += ["--log", f"{delta}={log}"]
@@ -97,6 +98,7 @@ def test_print_exit_layers_and_plot(trained, tmp_path):
                            "--out", str(png)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "L1=1.000 L2=0.000 L3=0.000" in proc.stdout  # the plot has a bar slot for every layer
 
 
 @pytest.mark.parametrize("strategy", ["hard", "soft"])
@@ -110,4 +112,4 @@ def test_train_and_generate_with_early_exit_strategy(data_bin, strategy):
                                                        "--collapse-repeats")))
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
     if strategy == "soft":  # soft exit reads every token at the last layer
-        assert "Exit layers: L3=1.000" in out
+        assert "Exit layers: L1=0.000 L2=0.000 L3=1.000 | mean 3.000" in out

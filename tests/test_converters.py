@@ -1,4 +1,4 @@
-"""scripts/init_from_bart.py and scripts/convert_hf_elmer.py on tiny checkpoints."""
+"""elmer-init-from-bart and elmer-convert-hf (elmer_fairseq/convert_bart.py, convert_hf.py) on tiny checkpoints."""
 
 import argparse
 import json
@@ -39,8 +39,13 @@ def tiny_bart(task):
     return args, BARTModel.build_model(args, task).eval()
 
 
+def console(name):
+    """A console script installed beside this interpreter (setup.py entry_points)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
 def run_script(name, *args):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *args],
+    out = subprocess.run([console(name), *args],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -68,7 +73,7 @@ def test_init_from_bart(tmp_path):
     plain.save(str(bart_dir / "dict.txt"))
 
     out = tmp_path / "elmer"
-    run_script("init_from_bart.py", str(bart_dir / "model.pt"), str(out))
+    run_script("elmer-init-from-bart", str(bart_dir / "model.pt"), str(out))
     elmer, elmer_task = load_elmer(out)
     assert len(elmer_task.source_dictionary) == len(task.source_dictionary)
 
@@ -99,7 +104,7 @@ def test_init_from_bart_refuses_wrong_dictionary(tmp_path):
     args, bart = tiny_bart(task)
     save_fairseq_checkpoint(args, bart, tmp_path / "model.pt")
     make_task(WORDS[:10]).source_dictionary.save(str(tmp_path / "dict.txt"))
-    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "init_from_bart.py"),
+    out = subprocess.run([console("elmer-init-from-bart"),
                           str(tmp_path / "model.pt"), str(tmp_path / "out")], capture_output=True, text=True)
     assert out.returncode != 0
     assert "rows: give the dictionary the checkpoint was trained with" in out.stderr
@@ -126,7 +131,7 @@ def test_convert_hf_bart(tmp_path):
     plain.save(str(tmp_path / "dict.txt"))
 
     out = tmp_path / "elmer"
-    run_script("convert_hf_elmer.py", str(tmp_path / "hf"), str(out), "--dict", str(tmp_path / "dict.txt"))
+    run_script("elmer-convert-hf", str(tmp_path / "hf"), str(out), "--dict", str(tmp_path / "dict.txt"))
     elmer, _ = load_elmer(out)
 
     pad = task.source_dictionary.pad()
@@ -156,8 +161,7 @@ def test_convert_hf_bart(tmp_path):
 
 
 def test_hf_dictionary_from_gpt2_encoder_json(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    from convert_hf_elmer import fairseq_dictionary
+    from elmer_fairseq.convert_hf import fairseq_dictionary
 
     tokens = ["\u0120the", "\u0120cat", "."]
     hf_vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{t: 4 + i for i, t in enumerate(tokens)}, "<mask>": 7}
@@ -176,13 +180,13 @@ def test_converters_refuse_a_code_payload(tmp_path):
     marker = tmp_path / "pwned"
     write_payload_checkpoint(tmp_path / "model.pt", marker)
     make_task(WORDS).source_dictionary.save(str(tmp_path / "dict.txt"))
-    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "init_from_bart.py"),
+    out = subprocess.run([console("elmer-init-from-bart"),
                           str(tmp_path / "model.pt"), str(tmp_path / "out")], capture_output=True, text=True)
     assert out.returncode != 0 and "weights_only" in out.stderr.lower() + out.stdout.lower()
     (tmp_path / "hf").mkdir()
     os.replace(tmp_path / "model.pt", tmp_path / "hf" / "pytorch_model.bin")
     (tmp_path / "hf" / "config.json").write_text("{}")
-    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "convert_hf_elmer.py"), str(tmp_path / "hf"),
+    out = subprocess.run([console("elmer-convert-hf"), str(tmp_path / "hf"),
                           str(tmp_path / "out2"), "--dict", str(tmp_path / "dict.txt")], capture_output=True, text=True)
     assert out.returncode != 0 and "weights_only" in out.stderr.lower()
     assert not marker.exists()

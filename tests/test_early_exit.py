@@ -11,7 +11,7 @@ from naive_decoder import decoder_layer, naive_entropy_exit_layers
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator, collapse_repeats
 from elmer_fairseq.exit_policies import EntropyExit, SoftExit, banned_tokens
 from elmer_fairseq.lplm_criterion import LPLMCriterion
-from elmer_fairseq.nat_early_exit_task import ExitLayerReport
+from elmer_fairseq.generation_io import ExitLayerReport, read_exit_layers
 
 SOURCES = ["the cat sat on the mat", "a dog ran", "big red dog"]
 TARGETS = ["cat sat", "dog ran fast under the tree", "red"]
@@ -213,3 +213,20 @@ def test_exit_layer_report(capsys):
     report.add(None, two)
     assert capsys.readouterr().out.splitlines() == ["E-0\t1 1 3", "E-1\t2"]
     assert report.summary().endswith("tokens 8")
+
+
+def test_exit_lines_read_back_with_every_layer_of_the_decoder(capsys):
+    """The writer and the reader share one format; a layer no token exited at still shows (Figure 2
+    shows every layer 1..L), L taken from the summary line."""
+    report = ExitLayerReport()
+    report.add(torch.tensor([0, 1]), [[{"exit_layers": torch.tensor([1, 1])}], [{"exit_layers": torch.tensor([3])}]],
+               num_layers=4)
+    report.print_summary()
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "Exit layers: L1=0.667 L2=0.000 L3=0.333 L4=0.000 | mean 1.667 | tokens 3"
+    hist = read_exit_layers(out.splitlines(keepends=True))
+    assert hist.layers() == [1, 2, 3, 4]
+    assert hist.fractions() == pytest.approx({1: 2 / 3, 2: 0.0, 3: 1 / 3, 4: 0.0})
+    assert read_exit_layers(out.splitlines()[:-1]).layers() == [1, 2, 3]  # no summary: the highest seen
+    with pytest.raises(ValueError, match="--print-exit-layers"):
+        read_exit_layers(["H-0\t-1.0\tsome text\n"])

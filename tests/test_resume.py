@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import REPO, write_payload_checkpoint
-from elmer_fairseq.atomic_checkpoint_copy import atomic_copy
+from elmer_fairseq.fairseq_compat import atomic_copy
 from helpers import TRAIN_FLAGS, generate_args, ok, run
 
 UPDATES = 40

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Import the released ELMER weights (or any Hugging Face BART checkpoint) as an ``elmer_nat`` checkpoint.
 
-    python scripts/convert_hf_elmer.py HF_DIR OUT_DIR --dict bart.base/dict.txt
-    python scripts/convert_hf_elmer.py HF_DIR OUT_DIR --encoder-json gpt2/encoder.json
+    elmer-convert-hf HF_DIR OUT_DIR --dict bart.base/dict.txt
+    elmer-convert-hf HF_DIR OUT_DIR --encoder-json gpt2/encoder.json
 
 HF_DIR is a ``save_pretrained`` / hub folder (config.json with model.safetensors
 or pytorch_model.bin; e.g. a local copy of RUCAIBox/elmer) or a weights file
@@ -20,22 +19,17 @@ of elmer_nat. No ``transformers`` import: weights are read with safetensors or
 ``torch.load(weights_only=True)``.
 """
 
-import argparse
 import json
 import logging
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairseq.data import Dictionary
 
-from fairseq.data import Dictionary  # noqa: E402
+from .checkpoint_convert import converter_main, convert_weights
 
-import elmer_fairseq  # noqa: E402,F401
-from elmer_fairseq.checkpoint_convert import convert_weights  # noqa: E402
-
-logger = logging.getLogger("convert_hf_elmer")
+logger = logging.getLogger(__name__)
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_accurate", "gelu_fast": "gelu_fast", "tanh": "tanh"}
 
@@ -147,15 +141,13 @@ def convert(src, out_dir, dict_path=None, encoder_json=None, config_path=None, e
 
 
 def main():
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="Hugging Face checkpoint folder, or a weights file with --config")
-    parser.add_argument("out_dir")
-    parser.add_argument("--dict", help="BART's fairseq dict.txt")
-    parser.add_argument("--encoder-json", help="GPT-2's encoder.json (rebuilds dict.txt from vocab.json)")
-    parser.add_argument("--config", help="config.json when SRC is a weights file")
-    args, extra = parser.parse_known_args()
-    print(convert(args.src, args.out_dir, args.dict, args.encoder_json, args.config, extra))
+    converter_main(__doc__, [
+        ("src", {"help": "Hugging Face checkpoint folder, or a weights file with --config"}),
+        ("out_dir", {}),
+        ("--dict", {"help": "BART's fairseq dict.txt"}),
+        ("--encoder-json", {"help": "GPT-2's encoder.json (rebuilds dict.txt from vocab.json)"}),
+        ("--config", {"help": "config.json when SRC is a weights file"}),
+    ], lambda args, flags: convert(args.src, args.out_dir, args.dict, args.encoder_json, args.config, flags))
 
 
 if __name__ == "__main__":

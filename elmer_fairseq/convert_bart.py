@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Start ELMER from BART: turn a fairseq BART checkpoint into an ``elmer_nat`` checkpoint.
 
-    python scripts/init_from_bart.py bart.base/model.pt OUT_DIR [--dict bart.base/dict.txt]
+    elmer-init-from-bart bart.base/model.pt OUT_DIR [--dict bart.base/dict.txt]
 
 Every BART tensor keeps its name and place: encoder, decoder layers, shared
 embeddings, learned positions, embedding layer norms. What changes is how the
@@ -12,23 +11,19 @@ elmer_nat's own initialisation: the soft-exit mixer W = [small | identity]
 (only in a ``--early-exit soft`` model, where it is created at fine-tuning).
 Sizes (layers, dimensions, heads, positions, embedding scale) are read from
 the checkpoint. Writes OUT_DIR/model.pt and the dictionary (see
-elmer_fairseq/checkpoint_convert.py). Loading stays ``weights_only=True``.
+checkpoint_convert.py). Loading stays ``weights_only=True``.
 """
 
 import argparse
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairseq import checkpoint_utils
+from fairseq.data import Dictionary
 
-from fairseq import checkpoint_utils  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
+from .checkpoint_convert import converter_main, convert_weights
 
-import elmer_fairseq  # noqa: E402,F401  (safe loading, registrations)
-from elmer_fairseq.checkpoint_convert import convert_weights  # noqa: E402
-
-logger = logging.getLogger("init_from_bart")
+logger = logging.getLogger(__name__)
 
 # BART option -> elmer_nat flag (values copied)
 SIZE_FLAGS = {
@@ -100,13 +95,11 @@ def convert(model_pt, out_dir, dict_path=None, extra_flags=()):
 
 
 def main():
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bart_checkpoint", help="a fairseq BART model.pt (e.g. bart.base/model.pt)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--dict", help="BART's dict.txt (default: beside the checkpoint)")
-    args, extra = parser.parse_known_args()
-    print(convert(args.bart_checkpoint, args.out_dir, args.dict, extra))
+    converter_main(__doc__, [
+        ("bart_checkpoint", {"help": "a fairseq BART model.pt (e.g. bart.base/model.pt)"}),
+        ("out_dir", {}),
+        ("--dict", {"help": "BART's dict.txt (default: beside the checkpoint)"}),
+    ], lambda args, flags: convert(args.bart_checkpoint, args.out_dir, args.dict, flags))
 
 
 if __name__ == "__main__":
