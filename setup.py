@@ -40,5 +40,7 @@ setup(
         "elmer-import = elmer_fairseq.export:import_main",
         "elmer-init-from-bart = elmer_fairseq.convert_bart:main",
         "elmer-convert-hf = elmer_fairseq.convert_hf:main",
+        "elmer-canvas = elmer_fairseq.canvas:main",
+        "elmer-exit-layers = elmer_fairseq.generation_io:main",
     ]},
 )

@@ -77,3 +77,28 @@ def canvas_rule_from_targets(target_lengths, percentile: float = 0.99):
         raise ValueError("no training targets to derive the canvas length from")
     b = lengths[min(len(lengths) - 1, int(percentile * len(lengths)))]
     return 0, b, sum(lengths) / len(lengths)
+
+
+def main(argv=None):
+    """``elmer-canvas TRAIN_TARGET_PIECES [--env FILE]``: the recipes' canvas rule
+    from a training split's target side (one sentence of pieces a line), written as shell variables
+    CANVAS_A/CANVAS_B for ``--canvas-len-a/-b``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the canvas rule (a, b) of a training split's targets")
+    parser.add_argument("targets", help="training targets, one line of BPE pieces per example")
+    parser.add_argument("--percentile", type=float, default=0.99, help="the share of targets the canvas holds")
+    parser.add_argument("--env", help="write CANVAS_A=.. and CANVAS_B=.. here (a file the recipes source)")
+    args = parser.parse_args(argv)
+    if not 0 < args.percentile <= 1:
+        parser.error(f"--percentile must be in (0, 1], got {args.percentile}")
+    try:
+        with open(args.targets, encoding="utf-8") as f:
+            a, b, mean = canvas_rule_from_targets((len(line.split()) for line in f), args.percentile)
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"{parser.prog}: error: {args.targets}: {e}\n")
+    if args.env:
+        with open(args.env, "w") as f:
+            f.write(f"CANVAS_A={a}\nCANVAS_B={b}\n")
+    print(f"targets (pieces + </s>): mean {mean:.1f}, p{args.percentile * 100:g} {b} -> canvas T = {b}; "
+          "longer ones are counted as long_targets")

@@ -27,6 +27,7 @@ import torch
 
 from fairseq.data import Dictionary
 
+from .canvas import MASK_SYMBOL
 from .checkpoint_convert import converter_main, convert_weights
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def fairseq_dictionary(src_dir, num_embeddings, dict_path=None, encoder_json=Non
         gpt2 = json.load(f)
     by_id = {i: tok for tok, i in hf_vocab.items()}
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    if [by_id.get(i) for i in range(4)] != specials or by_id.get(num_embeddings - 1) != "<mask>":
+    if [by_id.get(i) for i in range(4)] != specials or by_id.get(num_embeddings - 1) != MASK_SYMBOL:
         raise ValueError(f"{vocab_path}: expected {specials} at ids 0-3 and <mask> last, as in BART")
     d = Dictionary()
     for i in range(4, num_embeddings - 1):

@@ -10,27 +10,16 @@ id 0..N-1 must be there: a sentence the generator skipped is an error, not a sil
 """
 
 import argparse
-import re
 import sys
 
-_LINE = re.compile(r"^([STH])-(\d+)\t(.*)$")
+from .generation_io import read_generate_log
 
 
 def triples_from_generate_log(lines):
     """``[(source, hypothesis, reference)]`` by sentence id from S-/H-/T- lines (the first H- of an id,
     the best; the reference is None when the log has no T- line)."""
-    src, hyp, ref = {}, {}, {}
-    for line in lines:
-        m = _LINE.match(line.rstrip("\n"))
-        if not m:
-            continue
-        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "S":
-            src[idx] = rest
-        elif kind == "T":
-            ref[idx] = rest
-        elif idx not in hyp:  # "score<TAB>text"
-            hyp[idx] = rest.split("\t", 1)[1] if "\t" in rest else ""
+    found = read_generate_log(lines)
+    src, hyp, ref = found["S"], found["H"], found["T"]
     missing = sorted(set(src) ^ set(hyp))
     if missing:
         raise ValueError(f"{len(missing)} sentence id(s) have a source or a hypothesis but not both, e.g. {missing[:5]}")

@@ -1,4 +1,5 @@
-"""What generation reads and writes besides the hypotheses: the exit layers of generated tokens
+"""What generation writes and the tools read back: fairseq-generate's text lines (``read_generate_log``,
+for scoring and distillation), the exit layers of generated tokens
 (``--print-exit-layers``: one ``E-<id>`` line per hypothesis and a closing histogram line) and the
 UTF-8 guard on interactive input. The task writes these lines; ``scripts/plot_exit_layers.py`` and
 ``scripts/sweep_threshold.sh`` read them back through ``read_exit_layers``, so the format lives here
@@ -7,7 +8,7 @@ only::
     E-7\t1 1 3 2            the exit layer of each token of hypothesis 7, </s> included
     Exit layers: L1=0.500 L2=0.250 L3=0.250 | mean 1.750 | tokens 4
 
-    python -m elmer_fairseq.generation_io generate.log     # the histogram line of a log's E- lines
+    elmer-exit-layers generate.log     # the histogram line of a log's E- lines
 """
 
 import argparse
@@ -19,7 +20,26 @@ import sys
 logger = logging.getLogger(__name__)
 
 EXIT_LINE = re.compile(r"^E-(\d+)\t(.*)$")
+TEXT_LINE = re.compile(r"^([STHD])-(\d+)\t(.*)$")
 SUMMARY_LAYER = re.compile(r"\bL(\d+)=")
+
+
+def read_generate_log(lines):
+    """``{kind: {sentence id: text}}`` from fairseq-generate's S- (source), T- (reference), H- (hypothesis)
+    and D- (detokenized hypothesis) lines. H-/D- lines are ``score<TAB>text``: the text is kept, and of
+    an id's n-best only the first line (the best)."""
+    found = {kind: {} for kind in "STHD"}
+    for line in lines:
+        m = TEXT_LINE.match(line.rstrip("\n"))
+        if not m:
+            continue
+        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind in "HD":
+            if idx in found[kind]:
+                continue
+            rest = rest.split("\t", 1)[1] if "\t" in rest else ""
+        found[kind][idx] = rest
+    return found
 
 
 def exit_line(sample_id, layers) -> str:
@@ -149,7 +169,3 @@ def main(argv=None):
             print(read_exit_layers(f).summary())
     except (OSError, ValueError) as e:
         parser.exit(1, f"{parser.prog}: error: {args.log}: {e}\n")
-
-
-if __name__ == "__main__":
-    main()

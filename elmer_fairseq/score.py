@@ -23,8 +23,9 @@ import collections
 import json
 import math
 import os
-import re
 import sys
+
+from .generation_io import read_generate_log
 
 TASK_METRICS = {
     "xsum": ["ROUGE-1", "ROUGE-2", "ROUGE-L"],
@@ -33,27 +34,15 @@ TASK_METRICS = {
     "default": ["ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU"],
 }
 
-_LINE = re.compile(r"^([THD])-(\d+)\t(.*)$")
-
-
 def parse_generate_log(lines):
     """(hypotheses, references) from fairseq-generate output, ordered by sentence id.
 
     Uses the detokenized ``D-`` line when present, else ``H-``; a hypothesis
     line is ``score<TAB>text``. Ids with no target are an error, not a skip.
     """
-    hyps, dets, refs = {}, {}, {}
-    for line in lines:
-        m = _LINE.match(line.rstrip("\n"))
-        if not m:
-            continue
-        kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "T":
-            refs[idx] = rest
-        else:
-            text = rest.split("\t", 1)[1] if "\t" in rest else ""
-            (dets if kind == "D" else hyps)[idx] = text
-    chosen = dets or hyps
+    found = read_generate_log(lines)
+    refs = found["T"]
+    chosen = found["D"] or found["H"]
     if not chosen:
         raise ValueError("no H-/D- lines found: is this a fairseq-generate log?")
     missing = sorted(set(chosen) - set(refs))

@@ -42,18 +42,12 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 import elmer_fairseq  # noqa: F401
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator
 from elmer_fairseq.exit_policies import SoftExit
+from elmer_fairseq.model_sizes import size_flags
 
 logger = logging.getLogger("benchmark")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {
-    "tiny": ["--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "128",
-             "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512", "--decoder-ffn-embed-dim", "512",
-             "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-    "base": ["--encoder-layers", "6", "--decoder-layers", "6", "--encoder-embed-dim", "768",
-             "--decoder-embed-dim", "768", "--encoder-ffn-embed-dim", "3072", "--decoder-ffn-embed-dim", "3072",
-             "--encoder-attention-heads", "12", "--decoder-attention-heads", "12"],
-}
+SIZES = {"tiny": size_flags(3, 128, 512, 4), "base": size_flags(6, 768, 3072, 12)}
 PEER_TRAINING = {
     "ar": ["--task", "translation", "--arch", "transformer", "--share-all-embeddings",
            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],

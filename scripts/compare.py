@@ -36,17 +36,12 @@ import subprocess
 import sys
 import time
 
+from elmer_fairseq.model_sizes import size_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {
-    # the debsum README's reference size: 3+3 layers, d=256, FFN 1024, 4 heads
-    "small": ["--encoder-layers", "3", "--decoder-layers", "3", "--encoder-embed-dim", "256",
-              "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-              "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-    "tiny": ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
-             "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"],
-}
+# small: the debsum README's reference size (3+3 layers, d=256, FFN 1024, 4 heads)
+SIZES = {"small": size_flags(3, 256, 1024, 4), "tiny": size_flags(2, 64, 128, 2)}
 
 AR_TRAIN = ["--task", "translation", "--arch", "transformer", "--share-all-embeddings",
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
@@ -137,14 +132,13 @@ def prepare(args):
                 f.write("\n".join(lines) + "\n")
     model = find_one(args.raw, ".model")
     dictionary = find_one(args.raw, ".txt") if model else None
-    bpe = [sys.executable, os.path.join(REPO, "scripts", "sentencepiece_bpe.py")]
+    bpe = [sys.executable, os.path.join(REPO, "scripts", "bpe.py")]
     if model is None:
         log(f"no sentencepiece model in {args.raw}: training one of {args.vocab} pieces")
         run(bpe + ["train", "--model", f"{text}/spm", "--vocab-size", str(args.vocab), f"{text}/train.src", f"{text}/train.tgt"])
         model = f"{text}/spm.model"
-    for split in ("train", "valid"):
-        for side in ("src", "tgt"):
-            run(bpe + ["encode", "--model", model, f"{text}/{split}.{side}", f"{text}/{split}.bpe.{side}"])
+    run(bpe + ["encode", "--style", "sentencepiece", "--model", model]
+        + [f"{text}/{split}.{side}:{text}/{split}.bpe.{side}" for split in ("train", "valid") for side in ("src", "tgt")])
     dict_flags = ["--srcdict", dictionary] if dictionary else []
     shutil.rmtree(bin_dir, ignore_errors=True)
     run([tool("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",

@@ -25,6 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
+# shellcheck source=scripts/bpe.sh
+source scripts/bpe.sh
 : "${DATASET:?set by scripts/<dataset>.sh}"
 USAGE="usage: scripts/$DATASET.sh {prepare|train|generate|score|all} [RAW_DIR]"
 if [ $# -lt 1 ]; then echo "$USAGE" >&2; exit 2; fi
@@ -39,25 +41,18 @@ if [ "${CPU:-0}" = 1 ]; then DEVICE=(--cpu); fi
 prepare() {
   [ -n "$RAW" ] || { echo "$DATASET.sh prepare: give RAW_DIR, the folder of the released files" >&2; exit 2; }
   python scripts/prepare_dataset.py "$DATASET" "$RAW" "$TEXT"
-  local dict_flags=() bpe
+  local dict_flags=() bpe=sentencepiece pairs=() split side
+  for split in train valid test; do for side in src tgt; do
+    pairs+=("$TEXT/$split.$side:$TEXT/$split.bpe.$side")
+  done; done
   if [ -n "${GPT2_BPE_DIR:-}" ]; then
-    for f in encoder.json vocab.bpe dict.txt; do
-      [ -s "$GPT2_BPE_DIR/$f" ] || { echo "$DATASET.sh: GPT2_BPE_DIR=$GPT2_BPE_DIR lacks $f" >&2; exit 1; }
-    done
-    for split in train valid test; do for side in src tgt; do
-      python scripts/gpt2_bpe.py --encoder-json "$GPT2_BPE_DIR/encoder.json" --vocab-bpe "$GPT2_BPE_DIR/vocab.bpe" \
-        "$TEXT/$split.$side" "$TEXT/$split.bpe.$side"
-    done; done
+    bpe_check_gpt2 "$DATASET.sh"
     dict_flags=(--srcdict "$GPT2_BPE_DIR/dict.txt")
     bpe=gpt2
   else
-    python scripts/sentencepiece_bpe.py train --model "$TEXT/spm" --vocab-size "${VOCAB:-32000}" \
-      "$TEXT/train.src" "$TEXT/train.tgt"
-    for split in train valid test; do for side in src tgt; do
-      python scripts/sentencepiece_bpe.py encode --model "$TEXT/spm.model" "$TEXT/$split.$side" "$TEXT/$split.bpe.$side"
-    done; done
-    bpe=sentencepiece
+    bpe_train "$TEXT/spm" "${VOCAB:-32000}" "$TEXT/train.src" "$TEXT/train.tgt"
   fi
+  bpe_encode "$bpe" "$TEXT/spm.model" "${pairs[@]}"
   rm -rf "$DATA"
   fairseq-preprocess --source-lang src --target-lang tgt --trainpref "$TEXT/train.bpe" \
     --validpref "$TEXT/valid.bpe" --testpref "$TEXT/test.bpe" --destdir "$DATA" --joined-dictionary \
@@ -66,15 +61,7 @@ prepare() {
   if [ -f "$TEXT/spm.model" ]; then cp "$TEXT/spm.model" "$DATA/spm.model"; fi
   # canvas rule from the data: outputs do not grow with the input here, so T = b, the 99th percentile
   # of the training targets' length in pieces, + 1 for </s>
-  python - "$TEXT/train.bpe.tgt" "$DATA/canvas.env" <<'PYEOF'
-import sys
-lengths = sorted(len(line.split()) + 1 for line in open(sys.argv[1], encoding="utf-8"))
-p99 = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
-mean = sum(lengths) / len(lengths)
-with open(sys.argv[2], "w") as f:
-    f.write(f"CANVAS_A=0\nCANVAS_B={p99}\n")
-print(f"targets (pieces + </s>): mean {mean:.1f}, p99 {p99} -> canvas T = {p99}; longer ones are counted as long_targets")
-PYEOF
+  elmer-canvas "$TEXT/train.bpe.tgt" --env "$DATA/canvas.env"
 }
 
 train() {

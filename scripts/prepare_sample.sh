@@ -8,6 +8,8 @@ RAW=${1:-data-bin/sample-raw}
 OUT=${2:-data-bin/sample}
 VOCAB=${3:-4000}
 PY=${PYTHON:-python}
+# shellcheck source=scripts/bpe.sh
+source "$(dirname "$0")/bpe.sh"
 for f in train.src train.tgt valid.src valid.tgt test.src test.tgt; do
   [ -s "$RAW/$f" ] || { echo "prepare_sample.sh: missing $RAW/$f (make it with scripts/make_sample_data.py)" >&2; exit 1; }
 done
@@ -19,13 +21,11 @@ if [ -n "${SPM_MODEL:-}" ]; then
   cp "$SPM_MODEL" "$SPM/spm.model"
   DICT_FLAGS=(--srcdict "$DICT")
 else
-  $PY scripts/sentencepiece_bpe.py train --model "$SPM/spm" --vocab-size "$VOCAB" "$RAW/train.src" "$RAW/train.tgt"
+  bpe_train "$SPM/spm" "$VOCAB" "$RAW/train.src" "$RAW/train.tgt"
 fi
-for split in train valid test; do
-  for side in src tgt; do
-    $PY scripts/sentencepiece_bpe.py encode --model "$SPM/spm.model" "$RAW/$split.$side" "$SPM/$split.$side"
-  done
-done
+pairs=()
+for split in train valid test; do for side in src tgt; do pairs+=("$RAW/$split.$side:$SPM/$split.$side"); done; done
+bpe_encode sentencepiece "$SPM/spm.model" "${pairs[@]}"
 rm -rf "$OUT"
 fairseq-preprocess --source-lang src --target-lang tgt \
   --trainpref "$SPM/train" --validpref "$SPM/valid" --testpref "$SPM/test" \

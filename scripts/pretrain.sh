@@ -23,6 +23,8 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 [ -x "$BIN/python" ] && export PATH="$PWD/$BIN:$PATH"
 PY=python
+# shellcheck source=scripts/bpe.sh
+source scripts/bpe.sh
 
 TINY=0
 if [ "${1:-}" = "--tiny" ]; then TINY=1; shift; fi
@@ -97,24 +99,16 @@ fi
 # 2. BPE and fairseq-preprocess (the blank lines between documents stay: they mark document ends)
 if [ ! -s "$DATA/dict.txt" ]; then
   if [ -n "${GPT2_BPE_DIR:-}" ]; then
-    for f in encoder.json vocab.bpe dict.txt; do
-      [ -s "$GPT2_BPE_DIR/$f" ] || { echo "pretrain.sh: GPT2_BPE_DIR=$GPT2_BPE_DIR lacks $f (BART's encoder.json, vocab.bpe, dict.txt)" >&2; exit 1; }
-    done
-    for split in train valid; do
-      $PY scripts/gpt2_bpe.py --encoder-json "$GPT2_BPE_DIR/encoder.json" --vocab-bpe "$GPT2_BPE_DIR/vocab.bpe" \
-        "$WORK/$split.txt" "$WORK/$split.bpe"
-    done
+    bpe_check_gpt2 pretrain.sh
     DICT_FLAGS=(--srcdict "$GPT2_BPE_DIR/dict.txt")
     BPE=gpt2
   else
     VOCAB=${VOCAB:-$([ $TINY = 1 ] && echo 4000 || echo 32000)}
-    $PY scripts/sentencepiece_bpe.py train --model "$WORK/spm" --vocab-size "$VOCAB" "$WORK/train.txt"
-    for split in train valid; do
-      $PY scripts/sentencepiece_bpe.py encode --model "$WORK/spm.model" "$WORK/$split.txt" "$WORK/$split.bpe"
-    done
+    bpe_train "$WORK/spm" "$VOCAB" "$WORK/train.txt"
     DICT_FLAGS=()
     BPE=sentencepiece
   fi
+  bpe_encode "$BPE" "$WORK/spm.model" "$WORK/train.txt:$WORK/train.bpe" "$WORK/valid.txt:$WORK/valid.bpe"
   fairseq-preprocess --only-source --trainpref "$WORK/train.bpe" --validpref "$WORK/valid.bpe" \
     --destdir "$DATA" --workers 2 "${DICT_FLAGS[@]}"
   echo "$BPE" > "$DATA/bpe"

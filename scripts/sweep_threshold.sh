@@ -24,7 +24,7 @@ for d in $DELTAS; do
     --post-process sentencepiece ${GEN_FLAGS:-} > "$log" 2> "$log.err"
   rouge=$("$BIN/python" -m elmer_fairseq.score --generate-log "$log" --json 2>/dev/null \
           | "$BIN/python" -c "import json,sys; print('%.2f' % json.load(sys.stdin)['ROUGE-L'])")
-  mean=$("$BIN/python" -m elmer_fairseq.generation_io "$log" | grep -o "mean [0-9.]*" | cut -d' ' -f2)
+  mean=$(elmer-exit-layers "$log" | grep -o "mean [0-9.]*" | cut -d' ' -f2)
   # fairseq-generate: "Translated N sentences (M tokens) in Xs"
   ms=$(grep -o "Translated [0-9,]* sentences ([0-9,]* tokens) in [0-9.]*s" "$log.err" \
        | awk '{gsub(",","",$2); gsub("s$","",$NF); printf "%.2f", 1000*$NF/$2}')

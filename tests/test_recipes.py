@@ -162,8 +162,9 @@ def test_gpt2_bpe_round_trip(tmp_path):
     text = "the theme of the day: caf\u00e9 ok."
     (tmp_path / "in.txt").write_text(text + "\n\n", encoding="utf-8")
     flags = ["--encoder-json", str(tmp_path / "gpt2" / "encoder.json"), "--vocab-bpe", str(tmp_path / "gpt2" / "vocab.bpe")]
-    for args in ([str(tmp_path / "in.txt"), str(tmp_path / "ids.txt")], ["--decode", str(tmp_path / "ids.txt"), str(tmp_path / "out.txt")]):
-        out = subprocess.run([sys.executable, "scripts/gpt2_bpe.py", *flags, *args], cwd=REPO, capture_output=True, text=True)
+    for args in (["encode", "--style", "gpt2", *flags, f"{tmp_path / 'in.txt'}:{tmp_path / 'ids.txt'}"],
+                 ["decode", "--style", "gpt2", *flags, f"{tmp_path / 'ids.txt'}:{tmp_path / 'out.txt'}"]):
+        out = subprocess.run([sys.executable, "scripts/bpe.py", *args], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
     ids = (tmp_path / "ids.txt").read_text().splitlines()
     assert "258" in ids[0].split() and ids[1] == ""  # " the" merged into one symbol; blank line kept
