@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
-export PATH="$PWD/$BIN:$PATH"
+export PATH="$(realpath -m "$BIN"):$PATH"
 DATA=${DATA:-data-bin/sample}
 PRETRAINED=${PRETRAINED:-}
 PREP_ENV=()

@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
-if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
+if [ -x "$BIN/python" ]; then export PATH="$(realpath -m "$BIN"):$PATH"; fi
 [ $# -ge 1 ] || { echo "usage: scripts/distill.sh DATA_BIN" >&2; exit 2; }
 DATA=${1%/}
 [ -f "$DATA/dict.src.txt" ] && [ -f "$DATA/train.src-tgt.src.idx" ] \

@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
-if [ -x "$BIN/python" ]; then export PATH="$PWD/$BIN:$PATH"; fi
+if [ -x "$BIN/python" ]; then export PATH="$(realpath -m "$BIN"):$PATH"; fi
 # shellcheck source=scripts/bpe.sh
 source scripts/bpe.sh
 : "${DATASET:?set by scripts/<dataset>.sh}"

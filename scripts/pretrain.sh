@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
-[ -x "$BIN/python" ] && export PATH="$PWD/$BIN:$PATH"
+[ -x "$BIN/python" ] && export PATH="$(realpath -m "$BIN"):$PATH"
 PY=python
 # shellcheck source=scripts/bpe.sh
 source scripts/bpe.sh

@@ -12,7 +12,7 @@ OUT=${4:-$(dirname "$CKPT")/sweep}
 shift $(( $# < 4 ? $# : 4 ))
 DELTAS=${*:-0 0.25 0.5 0.75 1.0}
 BIN=${VENV:-.venv}/bin
-export PATH="$PWD/$BIN:$PATH"
+export PATH="$(realpath -m "$BIN"):$PATH"
 [ -f "$CKPT" ] || { echo "sweep_threshold.sh: no checkpoint at $CKPT" >&2; exit 1; }
 mkdir -p "$OUT"
 plot_args=()

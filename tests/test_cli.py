@@ -113,3 +113,39 @@ def test_train_and_generate_with_early_exit_strategy(data_bin, strategy):
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
     if strategy == "soft":  # soft exit reads every token at the last layer
         assert "Exit layers: L1=0.000 L2=0.000 L3=1.000 | mean 3.000" in out
+
+
+def test_sweep_threshold_script_tables_and_plots(trained, tmp_path):
+    """scripts/sweep_threshold.sh: one row per δ (its mean exit layer read back from the E- lines by
+    elmer-exit-layers) and the Figure-2 plot."""
+    tmp, dest, ckpt, _ = trained
+    out_dir = tmp_path / "sweep"
+    env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    proc = subprocess.run(["bash", "scripts/sweep_threshold.sh", str(dest), str(ckpt / "checkpoint_last.pt"), "test",
+                           str(out_dir), "0", "100"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:] if not line.startswith("plot:")]
+    assert [(r[0], r[2]) for r in rows] == [("0", "3.000"), ("100", "1.000")]  # δ, mean exit layer
+    assert (out_dir / "exit_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prepare_sample_script_encodes_every_split(tmp_path):
+    """scripts/prepare_sample.sh through scripts/bpe.sh: sentencepiece trained on train, every split
+    encoded line for line, binarized."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 120), ("valid", 10), ("test", 10)):
+        for side in ("src", "tgt"):
+            with open(os.path.join(REPO, "data-bin", "sample-raw", f"{split}.{side}"), encoding="utf-8") as f:
+                (raw / f"{split}.{side}").write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "PYTHON": sys.executable}
+    out = tmp_path / "bin"
+    proc = subprocess.run(["bash", "scripts/prepare_sample.sh", str(raw), str(out), "300"], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for split, n in (("train", 120), ("valid", 10), ("test", 10)):
+        pieces = (tmp_path / "bin.spm" / f"{split}.tgt").read_text(encoding="utf-8").splitlines()
+        assert len(pieces) == n and all(p.startswith("▁") for p in pieces if p)
+        assert (out / f"{split}.src-tgt.src.idx").exists()
+    assert (out / "spm.model").exists()
