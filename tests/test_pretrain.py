@@ -101,14 +101,100 @@ def pretrain_data(tmp_path_factory):
     return tmp, raw
 
 
-def test_denoising_items(pretrain_data):
+@pytest.fixture(scope="module")
+def pretrain_bin(pretrain_data):
     tmp, raw = pretrain_data
     dest = tmp / "bin"
     ok(run("fairseq_cli.preprocess", ["--only-source", "--trainpref", str(raw / "train.txt"),
                                       "--validpref", str(raw / "valid.txt"), "--destdir", str(dest), "--workers", "1"]))
-    task = ElmerDenoisingTask.setup_task(ElmerDenoisingConfig(
-        data=str(dest), tokens_per_sample=64, bpe_style="none", dataset_impl="mmap", seed=1
+    return dest
+
+
+def denoising_task(dest, **kw):
+    return ElmerDenoisingTask.setup_task(ElmerDenoisingConfig(
+        data=str(dest), tokens_per_sample=64, bpe_style="none", dataset_impl="mmap", seed=1, **kw
     ))
+
+
+def align_spans(source, target, mask):
+    """Naive reference: source = target with each masked span (a run of >= 0 target tokens) replaced by
+    one <mask>; returns the span lengths (one per <mask>), or None when no such alignment exists.
+    Dynamic programming over (source prefix, target prefix), then one alignment traced back."""
+    n, m = len(source), len(target)
+    ok_ = [[False] * (m + 1) for _ in range(n + 1)]
+    ok_[0][0] = True
+    for i in range(1, n + 1):
+        for j in range(m + 1):
+            if source[i - 1] == mask:
+                ok_[i][j] = any(ok_[i - 1][k] for k in range(j + 1))
+            else:
+                ok_[i][j] = j > 0 and target[j - 1] == source[i - 1] and ok_[i - 1][j - 1]
+    if not ok_[n][m]:
+        return None
+    spans, i, j = [], n, m
+    while i > 0:
+        if source[i - 1] == mask:
+            k = max(k for k in range(j + 1) if ok_[i - 1][k])  # the shortest span ending at j
+            spans.append(j - k)
+            i, j = i - 1, k
+        else:
+            i, j = i - 1, j - 1
+    return spans[::-1]
+
+
+def segment(tokens, pieces):
+    """Naive reference: an order of ``pieces`` (each used once) whose concatenation is ``tokens``,
+    or None (backtracking)."""
+    if not pieces:
+        return [] if not tokens else None
+    for k, piece in enumerate(pieces):
+        if tokens[: len(piece)] == piece:
+            rest = segment(tokens[len(piece):], pieces[:k] + pieces[k + 1:])
+            if rest is not None:
+                return [k] + rest
+    return None
+
+
+def test_denoising_statistics(pretrain_bin):
+    """Text infilling as §4.2 says: without shuffling, every source is its target with spans replaced
+    by one <mask> each; about 15% of the tokens are masked, in spans of mean length about 3 (Poisson);
+    and with shuffling (mask 0), the dataset reorders whole sentences."""
+    task = denoising_task(pretrain_bin, permute_sentences=0.0)
+    task.load_dataset("train")
+    ds, mask = task.datasets["train"], task.mask_idx
+    spans, total = [], 0
+    for i in range(len(ds)):
+        src, tgt = ds[i]["source"][:-1].tolist(), ds[i]["target"][:-1].tolist()  # </s> kept at the end
+        found = align_spans(src, tgt, mask)
+        assert found is not None, (src, tgt)
+        spans += found
+        total += len(tgt)
+    masked = sum(spans)
+    assert 0.12 < masked / total < 0.18, masked / total
+    nonzero = [s for s in spans if s > 0]
+    # Poisson(3) lengths, given a span is not empty: mean 3 / (1 - e^-3) = 3.16
+    assert 2.5 < sum(nonzero) / len(nonzero) < 3.8, sum(nonzero) / len(nonzero)
+    assert len(spans) > 50  # enough spans for the statistics to mean something
+
+    task = denoising_task(pretrain_bin, permute_sentences=1.0, mask=0.0)
+    task.load_dataset("train")
+    ds = task.datasets["train"]
+    ends = task.sentence_end.tolist()
+    reordered = multi = 0
+    for i in range(len(ds)):
+        src, tgt = ds[i]["source"][:-1].tolist(), ds[i]["target"][:-1].tolist()
+        want = sentences(tgt, ends)  # the last one ends at </s>, with or without a full stop
+        order = segment(src, want)
+        assert order is not None, (src, tgt)  # the source is the target's whole sentences, reordered
+        if len(set(map(tuple, want))) > 1:  # two different sentences: an order to change
+            multi += 1
+            reordered += src != tgt
+    assert multi > 20 and reordered > multi // 2, (reordered, multi)
+
+
+def test_denoising_items(pretrain_bin):
+    dest = pretrain_bin
+    task = denoising_task(dest)
     task.load_dataset("train")
     ds = task.datasets["train"]
     d = task.dictionary
