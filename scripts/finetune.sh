@@ -5,7 +5,8 @@
 #   train    fairseq-train --task nat_early_exit --arch elmer_nat --criterion lplm, Appendix B settings
 #            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
 #            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
-#   generate fairseq-generate on the test split (one pass, cut at the first </s>)
+#   generate fairseq-generate on the test split (one pass, cut at the first </s>; with EOS_PENALTY=calibrate,
+#            the </s> penalty whose output length matches the references' on training pairs)
 #   score    elmer-score --task $DATASET (the paper's columns)
 #   all      the four in order
 # Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
@@ -16,6 +17,9 @@
 #   PRETRAINED     an elmer_nat checkpoint to start from (elmer-convert-hf, elmer-init-from-bart,
 #                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
 #   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
+#   GLAT           1: glancing training (--glat); 0: off
+#   EOS_PENALTY    calibrate: pick --eos-penalty on CALIBRATION_PAIRS (1000) training pairs
+#                  (elmer_fairseq/length_calibration.py; the test split is not read); a number: use it
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
 #   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
 #   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
@@ -68,7 +72,8 @@ train() {
   [ -f "$DATA/canvas.env" ] || { echo "$DATASET.sh train: run prepare first (no $DATA/canvas.env)" >&2; exit 1; }
   # shellcheck disable=SC1090,SC1091
   source "$DATA/canvas.env"
-  local init=() lr=${LR:-5e-4} post=()
+  local init=() lr=${LR:-5e-4} post=() glat=()
+  if [ "${GLAT:-0}" = 1 ]; then glat=(--glat); fi
   if [ -n "${PRETRAINED:-}" ]; then
     [ -f "$PRETRAINED" ] || { echo "$DATASET.sh: PRETRAINED=$PRETRAINED does not exist" >&2; exit 1; }
     init=(--finetune-from-model "$PRETRAINED"); lr=${LR:-2e-5}
@@ -78,7 +83,7 @@ train() {
   [ -f "$train_data/train.src-tgt.tgt.idx" ] || { echo "$DATASET.sh: DISTILL=$train_data has no binarized train split" >&2; exit 1; }
   mkdir -p "$SAVE"
   fairseq-train "$train_data" --user-dir elmer_fairseq \
-    --task nat_early_exit --arch "${ARCH:-elmer_nat}" --criterion lplm --early-exit "${EARLY_EXIT:-soft}" \
+    --task nat_early_exit --arch "${ARCH:-elmer_nat}" --criterion lplm --early-exit "${EARLY_EXIT:-soft}" "${glat[@]}" \
     --canvas-len-a "$CANVAS_A" --canvas-len-b "$CANVAS_B" \
     --max-source-positions "${MAX_SOURCE:-512}" --truncate-source \
     --optimizer adam --adam-betas '(0.9, 0.999)' --lr "$lr" --lr-scheduler fixed --clip-norm 1.0 \
@@ -91,12 +96,19 @@ train() {
 }
 
 generate() {
-  local post=()
+  local post=() penalty=${EOS_PENALTY:-0}
+  if [ "$penalty" = calibrate ]; then
+    python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
+      --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" \
+      > "$SAVE/length-calibration.log" 2>&1 || { tail -5 "$SAVE/length-calibration.log"; exit 1; }
+    penalty=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["eos_penalty"])' "$SAVE/length-calibration.json")
+    echo "--eos-penalty $penalty (chosen on training pairs: $SAVE/length-calibration.json)"
+  fi
   if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece)
   else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
-    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source "${post[@]}" "${DEVICE[@]}" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
   grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true
 }
