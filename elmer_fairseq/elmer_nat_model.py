@@ -445,6 +445,8 @@ class ElmerDecoder(FairseqDecoder):
         if policy.plain_last_layer and not return_all_hiddens:
             states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
             return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "predictions": {}}
+        if policy.skips_exited and not return_all_hiddens and not torch.is_grad_enabled():
+            return self._skipping_pass(x, enc, enc_pad, self_pad, pad, policy, last)
 
         done = pad.t()  # (T, B): padding counts as exited
         exit_layer = torch.zeros_like(done, dtype=torch.long)
@@ -477,6 +479,51 @@ class ElmerDecoder(FairseqDecoder):
         return exit_state.transpose(0, 1), extra
 
 
+    def _skipping_pass(self, x, enc, enc_pad, self_pad, pad, policy, last):
+        """The layer loop for a policy whose exited tokens need no more work (hard exit at inference,
+        no gradient): each layer computes its queries (self-attention, cross-attention, FFN) and the
+        exit test's off-ramp only for the tokens still running, packed per sentence to the batch's
+        largest running count R; keys and values come from every token (an exited one carries its
+        exit state, as in the masked loop of ``forward``, whose outputs this reproduces). The one host
+        sync per layer is R, which also says "all exited"."""
+        T, B, C = x.shape
+        done = pad.t()  # (T, B)
+        exit_layer = torch.zeros_like(done, dtype=torch.long)
+        exit_state = torch.zeros_like(x)
+        slots = torch.arange(T, device=x.device)[:, None]
+        out = {}
+        for idx in range(last):
+            layer = idx + 1
+            running = ~done
+            counts = running.sum(0)
+            R = int(counts.max())
+            if R == 0:
+                break
+            if R == T:  # nothing to skip: the layer as it is
+                y = self.layers[idx](x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)[0]
+                now = policy(layer, y, running, layer == last, self, out)
+            else:
+                # running positions first in each column (a stable sort keeps their order)
+                order = (~running).to(torch.uint8).argsort(dim=0, stable=True)[:R]  # (R, B)
+                live = slots[:R] < counts[None, :]
+                xq = x.gather(0, order[..., None].expand(R, B, C))
+                yq = run_layer_for_queries(self.layers[idx], xq, x, enc, enc_pad, self_pad)
+                found = {}
+                now_q = policy(layer, yq, live, layer == last, self, found) & live
+                now = torch.zeros_like(done).scatter(0, order, now_q)
+                y = x.scatter(0, order[..., None].expand(R, B, C), torch.where(live[..., None], yq, xq))
+                for key, value in found.items():
+                    spread = value.new_zeros((T, B)).scatter(0, order, value)
+                    out[key] = spread if key not in out else torch.where(now, spread, out[key])
+            exit_state = torch.where(now[..., None], y, exit_state)
+            exit_layer = exit_layer.masked_fill(now, layer)
+            done = done | now
+            x = torch.where(done[..., None], exit_state, y)
+        predictions = {key: value.t() for key, value in out.items()}
+        extra = {"exit_layers": exit_layer.t(), "inner_states": None, "layer_outputs": None,
+                 "predictions": predictions}
+        return exit_state.transpose(0, 1), extra
+
     def _last_layer_pass(self, x, enc, enc_pad, self_pad, pad, num_layers):
         """Every token at the last layer: the layers alone, without the exit bookkeeping.
         Equal to the general loop at every non-padding position (padding is zeroed, as there)."""
@@ -484,6 +531,48 @@ class ElmerDecoder(FairseqDecoder):
             x, _, _ = layer(x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)
         states = x.transpose(0, 1).masked_fill(pad[..., None], 0.0)
         return states, LastLayerExit.exit_layers(pad, num_layers)
+
+
+def run_layer_for_queries(layer, xq, x, enc, enc_pad, self_pad):
+    """fairseq's ``TransformerDecoderLayer.forward`` (no incremental state, eval mode) with the queries
+    ``xq`` (R, B, C) apart from the keys/values ``x`` (T, B, C) of self-attention: the output of the
+    layer at the R query positions, as a full pass would give there."""
+    if layer.cross_self_attention:
+        raise ValueError("work-skipping hard exit does not support --cross-self-attention")
+    kv = layer.self_attn_layer_norm(x) if layer.normalize_before else x
+    residual = xq
+    h = layer.self_attn_layer_norm(xq) if layer.normalize_before else xq
+    h, _ = layer.self_attn(query=h, key=kv, value=kv, key_padding_mask=self_pad, need_weights=False)
+    if layer.c_attn is not None:
+        R, B = h.shape[:2]
+        h = torch.einsum("tbhd,h->tbhd", h.view(R, B, layer.nh, layer.head_dim), layer.c_attn).reshape(R, B, -1)
+    if layer.attn_ln is not None:
+        h = layer.attn_ln(h)
+    h = layer.residual_connection(layer.dropout_module(h), residual)
+    if not layer.normalize_before:
+        h = layer.self_attn_layer_norm(h)
+    if layer.encoder_attn is not None and enc is not None:
+        residual = h
+        if layer.normalize_before:
+            h = layer.encoder_attn_layer_norm(h)
+        h, _ = layer.encoder_attn(query=h, key=enc, value=enc, key_padding_mask=enc_pad, static_kv=True,
+                                  need_weights=False)
+        h = layer.residual_connection(layer.dropout_module(h), residual)
+        if not layer.normalize_before:
+            h = layer.encoder_attn_layer_norm(h)
+    residual = h
+    if layer.normalize_before:
+        h = layer.final_layer_norm(h)
+    h = layer.activation_dropout_module(layer.activation_fn(layer.fc1(h)))
+    if layer.ffn_layernorm is not None:
+        h = layer.ffn_layernorm(h)
+    h = layer.dropout_module(layer.fc2(h))
+    if layer.w_resid is not None:
+        residual = torch.mul(layer.w_resid, residual)
+    h = layer.residual_connection(h, residual)
+    if not layer.normalize_before:
+        h = layer.final_layer_norm(h)
+    return h
 
 
 def init_soft_mix(weight, dim):

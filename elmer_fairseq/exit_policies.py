@@ -48,12 +48,16 @@ class ExitPolicy:
     - ``plain_last_layer``: every token exits at the last layer and no state is rewritten, so the decoder
       may run its layers without the exit bookkeeping (and the generator may compile that pass);
     - ``predicts``: the pass leaves each token's prediction at its exit layer in ``out`` (``tokens``,
-      ``scores``, ``eos_scores``), so the caller need not project the exit states again.
+      ``scores``, ``eos_scores``), so the caller need not project the exit states again;
+    - ``skips_exited``: nothing is asked of a token once it exited, so without gradient the decoder
+      may run each layer (and this policy's exit test) on the running tokens only. The policy is then
+      called with the running tokens packed (R, B) and must treat positions independently.
     """
 
     may_stop_early = False
     plain_last_layer = False
     predicts = False
+    skips_exited = False
 
     def num_layers_to_run(self, num_layers: int) -> int:
         return num_layers
@@ -127,6 +131,7 @@ class EntropyExit(ExitPolicy):
     """
 
     may_stop_early = True
+    skips_exited = True
 
     def __init__(self, threshold: float, banned=(), keep_predictions=True, eos=None):
         self.threshold = threshold

@@ -30,6 +30,40 @@ def entropy_quantiles(model, src, src_len, canvas):
     return [float(entropy[i] + entropy[i + 1]) / 2 for i in picks]
 
 
+def test_work_skipping_hard_exit_equals_the_masked_loop(task, monkeypatch):
+    """Without gradient, hard exit runs each layer on the running tokens only (packed per sentence);
+    the exit layers, predictions and exit states equal the masked loop's (which runs every token),
+    at thresholds that split the tokens over the layers, with padding in the batch, pre- and post-norm."""
+    import elmer_fairseq.elmer_nat_model as elmer_nat_model
+
+    packed = []
+    real = elmer_nat_model.run_layer_for_queries
+    monkeypatch.setattr(elmer_nat_model, "run_layer_for_queries", lambda layer, xq, x, *a: packed.append(
+        (xq.size(0), x.size(0))) or real(layer, xq, x, *a))
+    for normalize_before in (False, True):
+        model = make_model(task, decoder_layers=4, decoder_normalize_before=normalize_before)
+        src, src_len = encode(task, SOURCES)
+        canvas = model.initialize_canvas(src_len)
+        pad = canvas.eq(model.decoder.padding_idx)
+        assert pad.any()
+        d = task.target_dictionary
+        for threshold in entropy_quantiles(model, src, src_len, canvas) + [1e9]:
+            policy = EntropyExit(threshold, banned=banned_tokens(d), eos=d.eos())
+            with torch.no_grad():
+                states, extra = model(src, src_len, canvas, policy=policy)  # the work-skipping pass
+            with torch.enable_grad():
+                ref_states, ref = model(src, src_len, canvas, policy=policy)  # the masked loop
+            assert torch.equal(extra["exit_layers"], ref["exit_layers"])
+            keep = ~pad
+            for key in ("tokens", "scores", "eos_scores"):
+                got, want = extra["predictions"][key][keep], ref["predictions"][key][keep].detach()
+                assert torch.allclose(got.float(), want.float(), atol=1e-5), key
+            assert torch.allclose(states[keep], ref_states[keep].detach(), atol=1e-5)
+            if threshold < 1e9:
+                assert len(set(ref["exit_layers"][keep].tolist())) > 1  # tokens exit at different layers
+    assert packed and all(r < t for r, t in packed)  # layers really ran on fewer query positions
+
+
 def test_hard_exit_layers_match_naive_loop(task):
     model = make_model(task, decoder_layers=4)
     src, src_len = encode(task, SOURCES)
