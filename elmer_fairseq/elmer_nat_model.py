@@ -378,6 +378,10 @@ class ElmerDecoder(FairseqDecoder):
             for mix in self.soft_mixers:
                 init_soft_mix(mix.weight, embed_dim)
 
+    # hard exit at inference runs the layers on the running tokens only (``_skipping_pass``); False:
+    # every token through every layer, masked (what training does; scripts/benchmark.py times both)
+    skip_exited = True
+
     def max_positions(self):
         return self.max_target_positions
 
@@ -445,7 +449,7 @@ class ElmerDecoder(FairseqDecoder):
         if policy.plain_last_layer and not return_all_hiddens:
             states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
             return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "predictions": {}}
-        if policy.skips_exited and not return_all_hiddens and not torch.is_grad_enabled():
+        if policy.skips_exited and self.skip_exited and not return_all_hiddens and not torch.is_grad_enabled():
             return self._skipping_pass(x, enc, enc_pad, self_pad, pad, policy, last)
 
         done = pad.t()  # (T, B): padding counts as exited

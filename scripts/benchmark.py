@@ -129,6 +129,22 @@ class Floor:
         return model.decoder.off_ramp(states, model.num_exit_layers).argmax(-1)
 
 
+class MaskedLoop:
+    """A generator run with the decoder's masked layer loop (every token through every layer), to time
+    against hard exit that skips exited tokens' work (the default at inference)."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def generate(self, models, sample, **kwargs):
+        decoder = models[0].decoder
+        decoder.skip_exited = False
+        try:
+            return self.gen.generate(models, sample, **kwargs)
+        finally:
+            decoder.skip_exited = True
+
+
 def systems(args, device, dtype):
     """(name, model, task, generator, sample hook) for every system benchmarked."""
     out = []
@@ -154,6 +170,9 @@ def systems(args, device, dtype):
             out.append(("ELMER last layer --compile", model, task, gen, False))
         for delta in args.thresholds:
             out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
+            if args.masked_too:
+                gen = MaskedLoop(EarlyExitGenerator(tgt, exit_threshold=delta))
+                out.append((f"ELMER hard δ={delta:g}, masked loop", model, task, gen, False))
     if args.elmer_soft:
         model, task = elmer(args.elmer_soft)
         out.append(("ELMER soft floor (bare forward)", model, task, Floor(soft=model.cfg.early_exit == "soft"), True))
@@ -340,6 +359,8 @@ def main():
     p.add_argument("--peer-updates", type=int, default=700)
     p.add_argument("--size", choices=sorted(SIZES), help="untrained models of this size instead of checkpoints")
     p.add_argument("--thresholds", type=float, nargs="*", default=[1.0, 3.0])
+    p.add_argument("--masked-too", action="store_true",
+                   help="also time hard exit with the masked layer loop (every token through every layer)")
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="forced output lengths (one table each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
