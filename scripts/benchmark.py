@@ -42,6 +42,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 import elmer_fairseq  # noqa: F401
 from elmer_fairseq.early_exit_generator import EarlyExitGenerator
 from elmer_fairseq.exit_policies import SoftExit
+from elmer_fairseq.generation_io import ExitHistogram
 from elmer_fairseq.model_sizes import size_flags
 
 logger = logging.getLogger("benchmark")
@@ -279,6 +280,7 @@ def measure_all(systems_list, args, device):
     results = [{"system": name} for name, *_ in systems_list]
     times = [[] for _ in systems_list]
     tokens = [0] * len(systems_list)
+    exits = [ExitHistogram(getattr(model, "num_exit_layers", None)) for _, model, *_ in systems_list]
     with torch.inference_mode():
         per_task = {}
         for _, model, task, gen, floor in systems_list:
@@ -297,12 +299,18 @@ def measure_all(systems_list, args, device):
                 sync(device)
                 times[j].append((time.perf_counter() - t0) * 1000)
                 tokens[j] += output_tokens(hypos, task.target_dictionary)
+                if isinstance(hypos, list) and hypos and "exit_layers" in hypos[0][0]:
+                    for nbest in hypos:
+                        exits[j].update(nbest[0]["exit_layers"].tolist())
         for j, (_, model, task, gen, floor) in enumerate(systems_list):
             res = results[j]
             ordered = sorted(times[j])
             res["ms_median_bs1"] = statistics.median(ordered)
             res["ms_p90_bs1"] = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
             res["mean_output_tokens"] = tokens[j] / n
+            if exits[j].total:
+                res["exit_layer_fractions"] = exits[j].fractions()
+                res["mean_exit_layer"] = exits[j].mean()
             big = batches(task, args.split, args.large_batch, args.max_sentences, device)
             run_one(model, task, gen, big[0], floor)
             sync(device)
@@ -337,6 +345,10 @@ def table(results, large_batch, memory_batches):
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    for r in results:
+        if "hard" in r["system"] and "exit_layer_fractions" in r:
+            fractions = " ".join(f"L{k}={v:.2f}" for k, v in r["exit_layer_fractions"].items())
+            lines.append(f"{r['system']}: exit layers {fractions}, mean {r['mean_exit_layer']:.2f}")
     for name, floor_name in (("ELMER last layer", "ELMER floor"), ("ELMER soft", "ELMER soft floor")):
         gen = next((r for r in results if r["system"] == name), None)
         floor = next((r for r in results if r["system"].startswith(floor_name + " ")), None)
