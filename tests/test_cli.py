@@ -149,3 +149,16 @@ def test_prepare_sample_script_encodes_every_split(tmp_path):
         assert len(pieces) == n and all(p.startswith("▁") for p in pieces if p)
         assert (out / f"{split}.src-tgt.src.idx").exists()
     assert (out / "spm.model").exists()
+
+
+def test_gpu_bench_says_when_there_is_no_gpu(tmp_path):
+    """scripts/gpu_bench.sh runs the CUDA benchmark in one step; on a machine without CUDA it runs
+    nothing, says so in one line and exits 3 (on a GPU machine it is run by hand, not here)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: gpu_bench.sh would run the full benchmark")
+    proc = subprocess.run(["bash", "scripts/gpu_bench.sh", str(tmp_path), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stderr.strip() == "gpu_bench.sh: torch sees no CUDA device; nothing run"
+    assert not (tmp_path / "out").exists()
