@@ -9,6 +9,8 @@ split is nearest to ``--target-ratio``. The split a model is evaluated on is nev
 
 prints the ratio at every penalty of the grid and the chosen one (``--json`` writes them). Then generate
 with ``--length-rule first-eos --eos-penalty P``. One model pass per batch serves the whole grid.
+With ``--collapse-repeats`` the lengths are those after consecutive repeated pieces are collapsed, for
+generation with ``--collapse-repeats`` (a larger penalty lengthens outputs partly with repeats).
 """
 
 import argparse
@@ -35,15 +37,29 @@ def lengths_at_penalties(scores, eos_scores, pad, penalties):
     return torch.minimum(first, valid.sum(1)[None])
 
 
-def length_table(model, generator, batches, penalties, pad_idx):
-    """{penalty: (output pieces, reference pieces)} summed over ``batches`` (fairseq samples)."""
+def collapsed_lengths(tokens, lengths):
+    """Lengths (P, B) after ``--collapse-repeats`` (consecutive equal pieces kept once) of the outputs
+    ``tokens[b, :lengths[p, b]]``: the number of runs in each prefix."""
+    change = torch.ones_like(tokens, dtype=torch.long)
+    change[:, 1:] = tokens[:, 1:].ne(tokens[:, :-1]).long()
+    runs = change.cumsum(1)  # runs[b, n - 1]: runs in the first n pieces
+    prefix = runs.gather(1, (lengths - 1).clamp(min=0).t()).t()
+    return torch.where(lengths > 0, prefix, torch.zeros_like(prefix))
+
+
+def length_table(model, generator, batches, penalties, pad_idx, collapse=False):
+    """{penalty: (output pieces, reference pieces)} summed over ``batches`` (fairseq samples); with
+    ``collapse``, output pieces after consecutive repeats are collapsed (as ``--collapse-repeats``)."""
     penalties_t = torch.tensor(penalties, dtype=torch.float)
     hyp = torch.zeros(len(penalties), dtype=torch.long)
     ref = 0
     for sample in batches:
         net = sample["net_input"]
-        _, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
-        hyp += lengths_at_penalties(scores.float(), eos_scores.float(), pad, penalties_t.to(scores.device)).sum(1).cpu()
+        tokens, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
+        lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, penalties_t.to(scores.device))
+        if collapse:
+            lengths = collapsed_lengths(tokens, lengths)
+        hyp += lengths.sum(1).cpu()
         ref += int((sample["target"].ne(pad_idx).sum(1) - 1).sum())  # the reference's </s> not counted
     return {p: (int(h), ref) for p, h in zip(penalties, hyp.tolist())}
 
@@ -72,6 +88,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", help="write the table and the choice here")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
+    p.add_argument("--collapse-repeats", action="store_true",
+                   help="match the length of outputs after consecutive repeated pieces are collapsed (for "
+                        "generation with --collapse-repeats)")
     args = p.parse_args(argv)
     if args.subset in ("valid", "test"):
         p.error(f"--subset {args.subset}: calibrate on a training split, not on the one you report")
@@ -95,7 +114,7 @@ def main(argv=None):
     device = next(model.parameters()).device
     batches = (utils.move_to_cuda(b) if device.type == "cuda" else b
                for b in sample_batches(task.dataset(args.subset), args.sentences, args.batch_size))
-    table = length_table(model, generator, batches, penalties, task.target_dictionary.pad())
+    table = length_table(model, generator, batches, penalties, task.target_dictionary.pad(), args.collapse_repeats)
     chosen = choose_penalty(table, args.target_ratio)
     for pen in penalties:
         h, r = table[pen]
@@ -105,7 +124,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"eos_penalty": chosen, "subset": args.subset, "sentences": args.sentences,
-                       "target_ratio": args.target_ratio,
+                       "target_ratio": args.target_ratio, "collapse_repeats": args.collapse_repeats,
                        "table": {str(k): {"hyp_pieces": v[0], "ref_pieces": v[1]} for k, v in table.items()}}, f, indent=1)
 
 

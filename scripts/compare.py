@@ -51,11 +51,13 @@ ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat
 # name -> (extra fairseq-train flags, decodes {label: extra fairseq-generate flags}); "kd" in the
 # name: trained on the distilled training split
 CALIBRATED = "calibrated"  # first </s> with the --eos-penalty chosen on training pairs (length_calibration.py)
+CALIBRATED_COLLAPSED = "calibrated-collapsed"  # the same, lengths matched after --collapse-repeats, which it uses
 ELMER_DECODES = {
     "first </s>": ["--length-rule", "first-eos"],
     "most probable </s>": ["--length-rule", "mode"],
     "median </s>": ["--length-rule", "median"],
     "first </s>, eos penalty from train": CALIBRATED,
+    "first </s>, eos penalty from train, repeats collapsed": CALIBRATED_COLLAPSED,
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
@@ -227,9 +229,10 @@ def generate(args, name, label, ckpt, tag=""):
     out = os.path.join(args.work, name, f"valid.{slug}.txt")
     if not os.path.exists(out + ".json"):
         flags, penalty = decodes[label], None
-        if flags == CALIBRATED:
-            penalty = calibrated_penalty(args, name, ckpt)
-            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)]
+        if flags in (CALIBRATED, CALIBRATED_COLLAPSED):
+            collapse = flags == CALIBRATED_COLLAPSED
+            penalty = calibrated_penalty(args, name, ckpt, collapse)
+            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)] + (["--collapse-repeats"] if collapse else [])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -260,13 +263,16 @@ def generate(args, name, label, ckpt, tag=""):
         return json.load(f)
 
 
-def calibrated_penalty(args, name, ckpt):
+def calibrated_penalty(args, name, ckpt, collapse=False):
     """The --eos-penalty whose output/reference length ratio on --calibration-pairs training pairs is
-    nearest 1 (elmer_fairseq/length_calibration.py; cached). The valid split is not read."""
-    out = os.path.join(args.work, name, f"calibration.{os.path.basename(ckpt)}.json")
+    nearest 1 (elmer_fairseq/length_calibration.py; cached), with ``collapse`` the length after
+    --collapse-repeats. The valid split is not read."""
+    tag = ".collapsed" if collapse else ""
+    out = os.path.join(args.work, name, f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
-             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out], out=out + ".log")
+             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out]
+            + (["--collapse-repeats"] if collapse else []), out=out + ".log")
     with open(out) as f:
         return json.load(f)["eos_penalty"]
 

@@ -289,3 +289,31 @@ def test_length_calibration_grid_matches_the_generator_and_picks_the_nearest_rat
     chosen = choose_penalty(table, 1.0)
     assert abs(table[chosen][0] / ref - 1) == min(abs(h / ref - 1) for h, _ in table.values())
     assert choose_penalty({0.0: (5, 10), 1.0: (10, 10), 2.0: (10, 10)}) == 1.0  # the smallest on a tie
+
+
+def test_length_calibration_counts_what_collapse_repeats_writes(task):
+    """With --collapse-repeats, the calibrated length at each penalty is the length the generator writes
+    with that penalty and --collapse-repeats (consecutive equal pieces kept once, </s> not counted)."""
+    from elmer_fairseq.length_calibration import collapsed_lengths, length_table, lengths_at_penalties
+
+    model = make_model(task, seed=2, canvas_len_b=6)
+    d = task.target_dictionary
+    penalties = [0.0, 1.0, 3.0, 50.0]
+    src, src_len = encode(task, SOURCES)
+    generator = EarlyExitGenerator(d)
+    tokens, scores, eos_scores, _, pad = generator.position_scores(model, src, src_len)
+    grid = collapsed_lengths(tokens, lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties)))
+    for row, pen in enumerate(penalties):
+        hypos = run_generator(task, model, eos_penalty=pen, collapse=True)
+        written = [int(h[0]["tokens"].numel()) - int(h[0]["tokens"][-1] == d.eos()) for h in hypos]
+        assert grid[row].tolist() == written, pen
+    # naive reference for the run count of a prefix
+    for b in range(tokens.size(0)):
+        for n in range(tokens.size(1) + 1):
+            prefix = tokens[b, :n].tolist()
+            want = sum(1 for i, t in enumerate(prefix) if i == 0 or t != prefix[i - 1])
+            got = collapsed_lengths(tokens[b:b + 1], torch.tensor([[n]]))
+            assert int(got) == want
+    table = length_table(model, generator, [make_sample(task, SOURCES, TARGETS)], penalties, d.pad(), collapse=True)
+    assert [table[p][0] for p in penalties] == grid.sum(1).tolist()
+    assert grid[-1].sum() > 0 and (grid <= lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties))).all()
