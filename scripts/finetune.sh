@@ -5,8 +5,8 @@
 #   train    fairseq-train --task nat_early_exit --arch elmer_nat --criterion lplm, Appendix B settings
 #            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
 #            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
-#   generate fairseq-generate on the test split (one pass, cut at the first </s>; with EOS_PENALTY=calibrate,
-#            the </s> penalty whose output length matches the references' on training pairs)
+#   generate fairseq-generate on the test split (one pass, cut at the first </s> after a </s> penalty whose
+#            output length best matches the references' on training pairs; repeated pieces collapsed)
 #   score    elmer-score --task $DATASET (the paper's columns)
 #   all      the four in order
 # Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
@@ -17,9 +17,11 @@
 #   PRETRAINED     an elmer_nat checkpoint to start from (elmer-convert-hf, elmer-init-from-bart,
 #                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
 #   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
-#   GLAT           1: glancing training (--glat); 0: off
-#   EOS_PENALTY    calibrate: pick --eos-penalty on CALIBRATION_PAIRS (1000) training pairs
+#   GLAT           1 (default): glancing training (--glat); 0: off
+#   EOS_PENALTY    calibrate (default): pick --eos-penalty on CALIBRATION_PAIRS (1000) training pairs
 #                  (elmer_fairseq/length_calibration.py; the test split is not read); a number: use it
+#   COLLAPSE       1 (default): generate with --collapse-repeats (and calibrate the length after it); 0: off
+#                  (defaults measured on debsum valid, README "Quality on real data")
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
 #   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
 #   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
@@ -73,7 +75,7 @@ train() {
   # shellcheck disable=SC1090,SC1091
   source "$DATA/canvas.env"
   local init=() lr=${LR:-5e-4} post=() glat=()
-  if [ "${GLAT:-0}" = 1 ]; then glat=(--glat); fi
+  if [ "${GLAT:-1}" = 1 ]; then glat=(--glat); fi
   if [ -n "${PRETRAINED:-}" ]; then
     [ -f "$PRETRAINED" ] || { echo "$DATASET.sh: PRETRAINED=$PRETRAINED does not exist" >&2; exit 1; }
     init=(--finetune-from-model "$PRETRAINED"); lr=${LR:-2e-5}
@@ -96,10 +98,11 @@ train() {
 }
 
 generate() {
-  local post=() penalty=${EOS_PENALTY:-0}
+  local post=() penalty=${EOS_PENALTY:-calibrate} collapse=()
+  if [ "${COLLAPSE:-1}" = 1 ]; then collapse=(--collapse-repeats); fi
   if [ "$penalty" = calibrate ]; then
     python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
-      --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" \
+      --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${collapse[@]}" \
       > "$SAVE/length-calibration.log" 2>&1 || { tail -5 "$SAVE/length-calibration.log"; exit 1; }
     penalty=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["eos_penalty"])' "$SAVE/length-calibration.json")
     echo "--eos-penalty $penalty (chosen on training pairs: $SAVE/length-calibration.json)"
@@ -108,7 +111,7 @@ generate() {
   else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
-    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${post[@]}" "${DEVICE[@]}" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${collapse[@]}" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
   grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true
 }
