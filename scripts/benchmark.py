@@ -164,6 +164,12 @@ def systems(args, device, dtype):
     if args.elmer or args.size:
         model, task = elmer(args.elmer)
         tgt = task.target_dictionary
+        if model.cfg.early_exit == "soft":
+            # a soft-exit checkpoint read with hard exit: its off-ramps are trained at every layer, so its
+            # tokens exit where a trained model's would; for timing only (the soft transform is not applied)
+            logger.warning(f"--elmer {args.elmer}: a soft-exit model, timed with last-layer and hard exit "
+                           "(its scores would not be the soft model's)")
+            model.cfg.early_exit = "lplm"
         out.append(("ELMER floor (bare forward)", model, task, Floor(), True))
         out.append(("ELMER last layer", model, task, EarlyExitGenerator(tgt, exit_threshold=0.0), False))
         if args.compile:
