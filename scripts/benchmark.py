@@ -48,7 +48,8 @@ from elmer_fairseq.model_sizes import size_flags
 logger = logging.getLogger("benchmark")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SIZES = {"tiny": size_flags(3, 128, 512, 4), "base": size_flags(6, 768, 3072, 12)}
+SIZES = {"tiny": size_flags(3, 128, 512, 4), "small": size_flags(3, 256, 1024, 4),  # small: the debsum size
+         "base": size_flags(6, 768, 3072, 12)}
 PEER_TRAINING = {
     "ar": ["--task", "translation", "--arch", "transformer", "--share-all-embeddings",
            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
@@ -396,7 +397,7 @@ def main():
         size = args.size or "tiny"
         args.ar = args.ar or train_peer("ar", args.data, args.train_peers, size, args.peer_updates)
         args.nat = args.nat or train_peer("nat", args.data, args.train_peers, size, args.peer_updates)
-        if args.size and not args.elmer:
+        if args.size and not (args.elmer or args.elmer_soft):
             raise SystemExit("--train-peers with --size: give the ELMER checkpoint of that size with --elmer")
         args.size = None
     device = torch.device(args.device)
