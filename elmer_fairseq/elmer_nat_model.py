@@ -378,7 +378,7 @@ class ElmerDecoder(FairseqDecoder):
             for mix in self.soft_mixers:
                 init_soft_mix(mix.weight, embed_dim)
 
-    # hard exit at inference runs the layers on the running tokens only (``_skipping_pass``); False:
+    # hard exit at inference runs the layers on the running tokens only (``_layer_on_running``); False:
     # every token through every layer, masked (what training does; scripts/benchmark.py times both)
     skip_exited = True
 
@@ -449,8 +449,8 @@ class ElmerDecoder(FairseqDecoder):
         if policy.plain_last_layer and not return_all_hiddens:
             states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
             return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "predictions": {}}
-        if policy.skips_exited and self.skip_exited and not return_all_hiddens and not torch.is_grad_enabled():
-            return self._skipping_pass(x, enc, enc_pad, self_pad, pad, policy, last)
+        # hard exit at inference: each layer runs on the running tokens only (``_layer_on_running``)
+        skip = policy.skips_exited and self.skip_exited and not return_all_hiddens and not torch.is_grad_enabled()
 
         done = pad.t()  # (T, B): padding counts as exited
         exit_layer = torch.zeros_like(done, dtype=torch.long)
@@ -460,10 +460,20 @@ class ElmerDecoder(FairseqDecoder):
         out = {}  # what the policy produces during this pass
         for idx in range(last):
             layer = idx + 1
-            y, _, _ = self.layers[idx](
-                x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False
-            )
-            now = policy(layer, y, ~done, layer == last, self, out)
+            running = ~done
+            counts = running.sum(0) if skip else None
+            # with skip, the one host sync of a layer is the largest running count: 0 is "all exited"
+            width = int(counts.max()) if skip else x.size(0)
+            if width == 0:
+                break
+            if width < x.size(0):
+                y, now = self._layer_on_running(idx, x, enc, enc_pad, self_pad, policy, running, counts, width,
+                                                layer == last, out)
+            else:
+                y, _, _ = self.layers[idx](
+                    x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False
+                )
+                now = policy(layer, y, running, layer == last, self, out)
             exit_state = torch.where(now[..., None], y, exit_state)
             exit_layer = exit_layer.masked_fill(now, layer)
             done = done | now
@@ -474,7 +484,7 @@ class ElmerDecoder(FairseqDecoder):
                 inner_states.append(x)
                 layer_outputs.append(y)
             if layer < last:
-                if policy.may_stop_early and bool(done.all()):
+                if policy.may_stop_early and not skip and bool(done.all()):
                     break
                 x = policy.transform(layer, x, self, out)
         predictions = {key: value if key == "layer_logits" else value.t() for key, value in out.items()}
@@ -482,51 +492,27 @@ class ElmerDecoder(FairseqDecoder):
                  "predictions": predictions}
         return exit_state.transpose(0, 1), extra
 
-
-    def _skipping_pass(self, x, enc, enc_pad, self_pad, pad, policy, last):
-        """The layer loop for a policy whose exited tokens need no more work (hard exit at inference,
-        no gradient): each layer computes its queries (self-attention, cross-attention, FFN) and the
-        exit test's off-ramp only for the tokens still running, packed per sentence to the batch's
-        largest running count R; keys and values come from every token (an exited one carries its
-        exit state, as in the masked loop of ``forward``, whose outputs this reproduces). The one host
-        sync per layer is R, which also says "all exited"."""
+    def _layer_on_running(self, idx, x, enc, enc_pad, self_pad, policy, running, counts, width, is_last, out):
+        """Layer ``idx + 1`` for a policy whose exited tokens need no more work (hard exit at inference,
+        no gradient): the queries (self-attention, cross-attention, FFN) and the policy's exit test run
+        only for the running tokens, packed per sentence to ``width``, the batch's largest running
+        count; keys and values come from every token (an exited one carries its exit state). Returns
+        the layer's output (exited tokens keep their input state) and who exits, (T, B), as the full
+        layer would give; the policy's predictions are spread back into ``out``."""
         T, B, C = x.shape
-        done = pad.t()  # (T, B)
-        exit_layer = torch.zeros_like(done, dtype=torch.long)
-        exit_state = torch.zeros_like(x)
-        slots = torch.arange(T, device=x.device)[:, None]
-        out = {}
-        for idx in range(last):
-            layer = idx + 1
-            running = ~done
-            counts = running.sum(0)
-            R = int(counts.max())
-            if R == 0:
-                break
-            if R == T:  # nothing to skip: the layer as it is
-                y = self.layers[idx](x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)[0]
-                now = policy(layer, y, running, layer == last, self, out)
-            else:
-                # running positions first in each column (a stable sort keeps their order)
-                order = (~running).to(torch.uint8).argsort(dim=0, stable=True)[:R]  # (R, B)
-                live = slots[:R] < counts[None, :]
-                xq = x.gather(0, order[..., None].expand(R, B, C))
-                yq = run_layer_for_queries(self.layers[idx], xq, x, enc, enc_pad, self_pad)
-                found = {}
-                now_q = policy(layer, yq, live, layer == last, self, found) & live
-                now = torch.zeros_like(done).scatter(0, order, now_q)
-                y = x.scatter(0, order[..., None].expand(R, B, C), torch.where(live[..., None], yq, xq))
-                for key, value in found.items():
-                    spread = value.new_zeros((T, B)).scatter(0, order, value)
-                    out[key] = spread if key not in out else torch.where(now, spread, out[key])
-            exit_state = torch.where(now[..., None], y, exit_state)
-            exit_layer = exit_layer.masked_fill(now, layer)
-            done = done | now
-            x = torch.where(done[..., None], exit_state, y)
-        predictions = {key: value.t() for key, value in out.items()}
-        extra = {"exit_layers": exit_layer.t(), "inner_states": None, "layer_outputs": None,
-                 "predictions": predictions}
-        return exit_state.transpose(0, 1), extra
+        # running positions first in each column (a stable sort keeps their order)
+        order = (~running).to(torch.uint8).argsort(dim=0, stable=True)[:width]  # (width, B)
+        live = torch.arange(width, device=x.device)[:, None] < counts[None, :]
+        xq = x.gather(0, order[..., None].expand(width, B, C))
+        yq = run_layer_for_queries(self.layers[idx], xq, x, enc, enc_pad, self_pad)
+        found = {}
+        now_q = policy(idx + 1, yq, live, is_last, self, found) & live
+        now = torch.zeros_like(running).scatter(0, order, now_q)
+        y = x.scatter(0, order[..., None].expand(width, B, C), torch.where(live[..., None], yq, xq))
+        for key, value in found.items():
+            spread = value.new_zeros((T, B)).scatter(0, order, value)
+            out[key] = spread if key not in out else torch.where(now, spread, out[key])
+        return y, now
 
     def _last_layer_pass(self, x, enc, enc_pad, self_pad, pad, num_layers):
         """Every token at the last layer: the layers alone, without the exit bookkeeping.

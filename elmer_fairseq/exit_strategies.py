@@ -115,7 +115,6 @@ class HardStrategy(ExitStrategy):
 
     def generation_policy(self, model_cfg, threshold=None, banned=(), eos=None):
         """Hard exit at ``--exit-threshold`` if given, else at the δ the model was trained with."""
-        check_threshold(threshold)
         return super().generation_policy(
             model_cfg, model_cfg.model_exit_threshold if threshold is None else threshold, banned, eos
         )
