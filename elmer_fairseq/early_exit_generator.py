@@ -48,17 +48,48 @@ def collapse_repeats(tokens, lengths, *aligned):
     return (gathered[0], keep.sum(1)) + tuple(gathered[1:])
 
 
-def best_tokens(logits, banned, eos=None):
+def best_tokens(logits, banned, eos=None, k=0):
     """The argmax token outside ``banned`` and its log-probability under the full softmax,
     without materialising log_softmax over the vocabulary (``logits`` is overwritten).
-    With ``eos``: ``(scores, tokens, eos_scores)``, the argmax excluding ``eos`` and log p(``eos``)."""
+    With ``eos``: ``(scores, tokens, eos_scores)``, the argmax excluding ``eos`` and log p(``eos``).
+    With ``k`` > 0: the ``k`` best tokens instead of the argmax (scores and tokens gain a last
+    dimension of size ``k``, best first)."""
     log_norm = torch.logsumexp(logits, dim=-1)
     eos_scores = logits[..., eos] - log_norm if eos is not None else None
     banned = list(banned) + ([eos] if eos is not None else [])
-    best, tokens = logits.index_fill_(-1, logits.new_tensor(banned, dtype=torch.long), float("-inf")).max(-1)
+    logits = logits.index_fill_(-1, logits.new_tensor(banned, dtype=torch.long), float("-inf"))
+    if k > 0:
+        best, tokens = logits.topk(k, dim=-1)
+        log_norm = log_norm[..., None]
+    else:
+        best, tokens = logits.max(-1)
     if eos is None:
         return best - log_norm, tokens
     return best - log_norm, tokens, eos_scores
+
+
+def distinct_neighbours(cand_tokens, cand_scores, valid):
+    """Per position one of its candidate tokens, no two neighbours the same where the candidates
+    allow it: start from each position's best token; where two neighbours agree, the less
+    confident one (the later on a tie) moves to its next candidate; repeat (K - 1 rounds for K
+    candidates, each round vectorised over the batch and the canvas). Agreements left after the
+    last round stay (``collapse_repeats`` removes them).
+
+    cand_tokens, cand_scores: (B, T, K), best first; valid: (B, T), False at padding.
+    Returns tokens, scores (B, T).
+    """
+    k = cand_tokens.size(-1)
+    choice = cand_tokens.new_zeros(cand_tokens.shape[:2])
+    for _ in range(k - 1):
+        tokens = cand_tokens.gather(2, choice[..., None]).squeeze(2)
+        scores = cand_scores.gather(2, choice[..., None]).squeeze(2)
+        same = (tokens[:, 1:] == tokens[:, :-1]) & valid[:, 1:] & valid[:, :-1]  # pair (i, i + 1)
+        later_loses = same & (scores[:, 1:] <= scores[:, :-1])
+        earlier_loses = same & ~later_loses
+        moves = F.pad(later_loses, (1, 0)) | F.pad(earlier_loses, (0, 1))
+        choice = (choice + moves.long()).clamp(max=k - 1)
+    tokens = cand_tokens.gather(2, choice[..., None]).squeeze(2)
+    return tokens, cand_scores.gather(2, choice[..., None]).squeeze(2)
 
 
 def length_log_probs(eos_scores, valid, post_eos: str):
@@ -114,10 +145,13 @@ class EarlyExitGenerator:
             ``median``, the most probable / median length of the distribution the per-position
             p(``</s>``) defines (``length_log_probs``); the positions before it take their best
             token other than ``</s>``. Never the reference: one pass, no length predictor.
+        no_repeat_neighbours: K > 1: neighbouring positions do not write the same token where one of
+            them has another among its K best (``distinct_neighbours``), before the length rule
+            compares each position's token with ``</s>``; 0: every position its best token.
     """
 
     def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
-                 length_rule="first-eos", eos_penalty=0.0):
+                 length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0):
         if length_rule not in LENGTH_RULES:
             raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
         self.tgt_dict = tgt_dict
@@ -129,6 +163,9 @@ class EarlyExitGenerator:
         self.compile = compile
         self.length_rule = length_rule
         self.eos_penalty = eos_penalty
+        if no_repeat_neighbours == 1 or no_repeat_neighbours < 0:
+            raise ValueError(f"--no-repeat-neighbours must be 0 (off) or at least 2, got {no_repeat_neighbours}")
+        self.candidates = no_repeat_neighbours
         self._compiled = {}  # id(model) -> torch.compile'd last-layer forward
         # never emitted: they carry no text
         self.banned = banned_tokens(tgt_dict)
@@ -152,10 +189,15 @@ class EarlyExitGenerator:
             exit_layers = extra["exit_layers"]
             logits = None if policy.predicts else model.decoder.off_ramp(states, model.num_exit_layers)
         if logits is None:  # hard exit read each token at its own exit layer already
+            if self.candidates:
+                raise ValueError("--no-repeat-neighbours needs each position's best tokens at one layer: decode "
+                                 "at the last layer (--exit-threshold 0) or with soft exit, not hard exit")
             found = extra["predictions"]
             tokens, scores, eos_scores = found["tokens"], found["scores"], found["eos_scores"]
         else:
-            scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos)
+            scores, tokens, eos_scores = best_tokens(logits.float(), self.banned, self.eos, self.candidates)
+            if self.candidates:
+                tokens, scores = distinct_neighbours(tokens, scores, ~pad)
         return tokens, scores, eos_scores, exit_layers, pad
 
     @torch.no_grad()  # not inference_mode: fairseq-generate rescales the scores in place

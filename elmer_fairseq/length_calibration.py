@@ -11,6 +11,9 @@ prints the ratio at every penalty of the grid and the chosen one (``--json`` wri
 with ``--length-rule first-eos --eos-penalty P``. One model pass per batch serves the whole grid.
 With ``--collapse-repeats`` the lengths are those after consecutive repeated pieces are collapsed, for
 generation with ``--collapse-repeats`` (a larger penalty lengthens outputs partly with repeats).
+``--unit words`` counts sentencepiece words (what elmer-score's length ratio counts) instead of pieces.
+``--no-repeat-neighbours K`` calibrates for generation with the same option (each position's token
+and score are then the ones that rule picks).
 """
 
 import argparse
@@ -37,19 +40,47 @@ def lengths_at_penalties(scores, eos_scores, pad, penalties):
     return torch.minimum(first, valid.sum(1)[None])
 
 
-def collapsed_lengths(tokens, lengths):
-    """Lengths (P, B) after ``--collapse-repeats`` (consecutive equal pieces kept once) of the outputs
-    ``tokens[b, :lengths[p, b]]``: the number of runs in each prefix."""
-    change = torch.ones_like(tokens, dtype=torch.long)
-    change[:, 1:] = tokens[:, 1:].ne(tokens[:, :-1]).long()
-    runs = change.cumsum(1)  # runs[b, n - 1]: runs in the first n pieces
-    prefix = runs.gather(1, (lengths - 1).clamp(min=0).t()).t()
+class WordMarks:
+    """Per symbol of a sentencepiece dictionary (bool (V,) tensors), what word counting needs
+    (``--unit words``, what elmer-score and the issue's hypothesis/reference ratio count): ``lead``,
+    it starts with ``▁`` (a space before its text); ``text``, it has a character other than ``▁``;
+    ``trail``, it ends with ``▁``. Refuses a dictionary without sentencepiece pieces."""
+
+    def __init__(self, dictionary):
+        symbols = dictionary.symbols
+        self.lead = torch.tensor([sym.startswith("\u2581") for sym in symbols], dtype=torch.bool)
+        if not self.lead.any():
+            raise ValueError("--unit words counts sentencepiece words (pieces starting with \u2581); this "
+                             "dictionary has none: use --unit pieces")
+        self.text = torch.tensor([bool(sym.strip("\u2581")) for sym in symbols], dtype=torch.bool)
+        self.trail = torch.tensor([sym.endswith("\u2581") for sym in symbols], dtype=torch.bool)
+
+
+def counted_lengths(tokens, lengths, collapse=False, marks=None):
+    """Lengths (P, B) of the outputs ``tokens[b, :lengths[p, b]]`` as written: with ``collapse``, after
+    ``--collapse-repeats`` (consecutive equal pieces kept once); with ``marks`` (``WordMarks``), in
+    words instead of pieces: a kept piece with text begins a word when a space precedes it (its own
+    ``▁`` or the previous piece's) or no text came before it."""
+    counts = torch.ones_like(tokens, dtype=torch.bool)
+    if collapse:
+        counts[:, 1:] = tokens[:, 1:].ne(tokens[:, :-1])
+    if marks is not None:
+        text = marks.text.to(tokens.device)[tokens]
+        # a dropped repeat has its predecessor's token, so the previous piece and the text seen so far
+        # are the same with or without the collapse
+        spaced = marks.lead.to(tokens.device)[tokens]
+        spaced[:, 1:] |= marks.trail.to(tokens.device)[tokens[:, :-1]]
+        first_text = (text.long().cumsum(1) - text.long()).eq(0)
+        counts &= text & (spaced | first_text)
+    running = counts.long().cumsum(1)  # running[b, n - 1]: counted units in the first n pieces
+    prefix = running.gather(1, (lengths - 1).clamp(min=0).t()).t()
     return torch.where(lengths > 0, prefix, torch.zeros_like(prefix))
 
 
-def length_table(model, generator, batches, penalties, pad_idx, collapse=False):
-    """{penalty: (output pieces, reference pieces)} summed over ``batches`` (fairseq samples); with
-    ``collapse``, output pieces after consecutive repeats are collapsed (as ``--collapse-repeats``)."""
+def length_table(model, generator, batches, penalties, pad_idx, collapse=False, marks=None):
+    """{penalty: (output length, reference length)} summed over ``batches`` (fairseq samples), in
+    pieces, or in words with ``marks`` (``WordMarks``); with ``collapse``, outputs are counted
+    after consecutive repeats are collapsed (as ``--collapse-repeats``)."""
     penalties_t = torch.tensor(penalties, dtype=torch.float)
     hyp = torch.zeros(len(penalties), dtype=torch.long)
     ref = 0
@@ -57,10 +88,14 @@ def length_table(model, generator, batches, penalties, pad_idx, collapse=False):
         net = sample["net_input"]
         tokens, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
         lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, penalties_t.to(scores.device))
-        if collapse:
-            lengths = collapsed_lengths(tokens, lengths)
+        if collapse or marks is not None:
+            lengths = counted_lengths(tokens, lengths, collapse, marks)
         hyp += lengths.sum(1).cpu()
-        ref += int((sample["target"].ne(pad_idx).sum(1) - 1).sum())  # the reference's </s> not counted
+        target = sample["target"]
+        ref_lengths = target.ne(pad_idx).sum(1) - 1  # the reference's </s> not counted
+        if marks is not None:
+            ref_lengths = counted_lengths(target, ref_lengths[None], marks=marks)[0]
+        ref += int(ref_lengths.sum())
     return {p: (int(h), ref) for p, h in zip(penalties, hyp.tolist())}
 
 
@@ -91,6 +126,11 @@ def main(argv=None):
     p.add_argument("--collapse-repeats", action="store_true",
                    help="match the length of outputs after consecutive repeated pieces are collapsed (for "
                         "generation with --collapse-repeats)")
+    p.add_argument("--unit", choices=("pieces", "words"), default="pieces",
+                   help="count lengths in target pieces, or in words (sentencepiece dictionaries: what elmer-score's "
+                        "hypothesis/reference ratio counts)")
+    p.add_argument("--no-repeat-neighbours", type=int, default=0, metavar="K",
+                   help="calibrate for generation with --no-repeat-neighbours K (0: off)")
     args = p.parse_args(argv)
     if args.subset in ("valid", "test"):
         p.error(f"--subset {args.subset}: calibrate on a training split, not on the one you report")
@@ -110,22 +150,28 @@ def main(argv=None):
     if torch.cuda.is_available() and not args.cpu:
         model.cuda()
     task.load_dataset(args.subset)
-    generator = EarlyExitGenerator(task.target_dictionary)
+    generator = EarlyExitGenerator(task.target_dictionary, no_repeat_neighbours=args.no_repeat_neighbours)
     device = next(model.parameters()).device
     batches = (utils.move_to_cuda(b) if device.type == "cuda" else b
                for b in sample_batches(task.dataset(args.subset), args.sentences, args.batch_size))
-    table = length_table(model, generator, batches, penalties, task.target_dictionary.pad(), args.collapse_repeats)
+    try:
+        marks = WordMarks(task.target_dictionary) if args.unit == "words" else None
+    except ValueError as e:
+        p.error(str(e))
+    table = length_table(model, generator, batches, penalties, task.target_dictionary.pad(), args.collapse_repeats,
+                         marks)
     chosen = choose_penalty(table, args.target_ratio)
     for pen in penalties:
         h, r = table[pen]
-        print(f"eos-penalty {pen:6.2f}  output/reference pieces {h}/{r} = {h / max(r, 1):.3f}"
+        print(f"eos-penalty {pen:6.2f}  output/reference {args.unit} {h}/{r} = {h / max(r, 1):.3f}"
               + ("  <- chosen" if pen == chosen else ""))
     print(f"chosen --eos-penalty {chosen}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"eos_penalty": chosen, "subset": args.subset, "sentences": args.sentences,
                        "target_ratio": args.target_ratio, "collapse_repeats": args.collapse_repeats,
-                       "table": {str(k): {"hyp_pieces": v[0], "ref_pieces": v[1]} for k, v in table.items()}}, f, indent=1)
+                       "no_repeat_neighbours": args.no_repeat_neighbours, "unit": args.unit,
+                       "table": {str(k): {f"hyp_{args.unit}": v[0], f"ref_{args.unit}": v[1]} for k, v in table.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

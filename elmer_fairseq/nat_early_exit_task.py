@@ -61,6 +61,12 @@ class NATEarlyExitConfig(TranslationConfig):
         metadata={"help": "generation, --length-rule first-eos: subtract this from log p(</s>) before the argmax "
                   "(> 0 gives longer outputs)"},
     )
+    no_repeat_neighbours: int = field(
+        default=0,
+        metadata={"help": "generation, last-layer or soft exit: K >= 2 keeps neighbouring positions from writing "
+                  "the same token where one of them has another among its K best (the less confident one moves "
+                  "down its list, K - 1 vectorised rounds), before the length rule; 0: off"},
+    )
     compile: bool = field(
         default=False,
         metadata={
@@ -217,6 +223,7 @@ class NATEarlyExitTask(TranslationTask):
             compile=self.cfg.compile,
             length_rule=self.cfg.length_rule,
             eos_penalty=self.cfg.eos_penalty,
+            no_repeat_neighbours=self.cfg.no_repeat_neighbours,
         )
         extra = dict(extra_gen_cls_kwargs or {})
         # fairseq-generate always passes its LM-fusion arguments (None unless --lm-path)

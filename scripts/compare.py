@@ -50,14 +50,22 @@ ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat
 
 # name -> (extra fairseq-train flags, decodes {label: extra fairseq-generate flags}); "kd" in the
 # name: trained on the distilled training split
-CALIBRATED = "calibrated"  # first </s> with the --eos-penalty chosen on training pairs (length_calibration.py)
-CALIBRATED_COLLAPSED = "calibrated-collapsed"  # the same, lengths matched after --collapse-repeats, which it uses
+
+
+def calibrated(collapse=False, neighbours=0, unit="pieces"):
+    """A decode: first </s> with the --eos-penalty chosen on training pairs (length_calibration.py), for
+    generation with --collapse-repeats / --no-repeat-neighbours K, lengths counted in ``unit``."""
+    return {"collapse": collapse, "neighbours": neighbours, "unit": unit}
+
+
 ELMER_DECODES = {
     "first </s>": ["--length-rule", "first-eos"],
     "most probable </s>": ["--length-rule", "mode"],
     "median </s>": ["--length-rule", "median"],
-    "first </s>, eos penalty from train": CALIBRATED,
-    "first </s>, eos penalty from train, repeats collapsed": CALIBRATED_COLLAPSED,
+    "first </s>, eos penalty from train": calibrated(),
+    "first </s>, eos penalty from train, repeats collapsed": calibrated(collapse=True),
+    "no repeated neighbours (4 best), first </s>": ["--no-repeat-neighbours", "4"],
+    "no repeated neighbours (4 best), eos penalty from train (words)": calibrated(neighbours=4, unit="words"),
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
@@ -211,7 +219,11 @@ def distill(args):
     kd = os.path.join(args.work, "bin-kd")
     if os.path.exists(os.path.join(kd, "done")):
         return
-    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar", "checkpoint_last.pt"), OUT=kd,
+    with open(os.path.join(args.work, "bin", "canvas.json")) as f:
+        canvas = json.load(f)["canvas_len_b"]
+    # the teacher writes at most what the student's canvas holds (longer targets would be truncated
+    # in training): a looping teacher's beam search would otherwise run to 128 pieces
+    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar", "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
         out=os.path.join(args.work, "distill.log"))
@@ -229,10 +241,11 @@ def generate(args, name, label, ckpt, tag=""):
     out = os.path.join(args.work, name, f"valid.{slug}.txt")
     if not os.path.exists(out + ".json"):
         flags, penalty = decodes[label], None
-        if flags in (CALIBRATED, CALIBRATED_COLLAPSED):
-            collapse = flags == CALIBRATED_COLLAPSED
-            penalty = calibrated_penalty(args, name, ckpt, collapse)
-            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)] + (["--collapse-repeats"] if collapse else [])
+        if isinstance(flags, dict):
+            penalty = calibrated_penalty(args, name, ckpt, **flags)
+            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)]
+            flags += ["--collapse-repeats"] if decodes[label]["collapse"] else []
+            flags += ["--no-repeat-neighbours", str(decodes[label]["neighbours"])] if decodes[label]["neighbours"] else []
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -248,7 +261,7 @@ def generate(args, name, label, ckpt, tag=""):
         wall = time.time() - t0
         with open(out, encoding="utf-8") as f:
             hyps, refs = parse_generate_log(f)
-        record = {"system": name, "decode": label, "checkpoint": ckpt, "generate_wall_s": wall}
+        record = {"system": name, "decode": label, "checkpoint": ckpt, "flags": flags, "generate_wall_s": wall}
         if penalty is not None:
             record["eos_penalty"] = penalty
         for collapse in (False, True):
@@ -263,15 +276,17 @@ def generate(args, name, label, ckpt, tag=""):
         return json.load(f)
 
 
-def calibrated_penalty(args, name, ckpt, collapse=False):
+def calibrated_penalty(args, name, ckpt, collapse=False, neighbours=0, unit="pieces"):
     """The --eos-penalty whose output/reference length ratio on --calibration-pairs training pairs is
     nearest 1 (elmer_fairseq/length_calibration.py; cached), with ``collapse`` the length after
-    --collapse-repeats. The valid split is not read."""
-    tag = ".collapsed" if collapse else ""
+    --collapse-repeats, with ``neighbours`` the outputs of --no-repeat-neighbours, counted in ``unit``
+    (pieces or words). The valid split is not read."""
+    tag = (".collapsed" if collapse else "") + (f".k{neighbours}" if neighbours else "") + ("" if unit == "pieces" else f".{unit}")
     out = os.path.join(args.work, name, f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
-             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out]
+             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit,
+             "--no-repeat-neighbours", str(neighbours)]
             + (["--collapse-repeats"] if collapse else []), out=out + ".log")
     with open(out) as f:
         return json.load(f)["eos_penalty"]

@@ -144,3 +144,96 @@ def test_compile_path_matches_the_plain_generator(task, monkeypatch):
         assert torch.equal(a[0]["tokens"], b[0]["tokens"])
         assert torch.equal(a[0]["exit_layers"], b[0]["exit_layers"])
         assert torch.allclose(a[0]["positional_scores"], b[0]["positional_scores"], atol=1e-6)
+
+
+def naive_distinct_neighbours(cand, scores, valid):
+    """One position and one round at a time: where two valid neighbours write the same token, the
+    less confident (the later on a tie) moves to its next candidate."""
+    batch, width, k = len(cand), len(cand[0]), len(cand[0][0])
+    choice = [[0] * width for _ in range(batch)]
+    for _ in range(k - 1):
+        moves = set()
+        for b in range(batch):
+            tok = [cand[b][i][choice[b][i]] for i in range(width)]
+            sc = [scores[b][i][choice[b][i]] for i in range(width)]
+            for i in range(width - 1):
+                if valid[b][i] and valid[b][i + 1] and tok[i] == tok[i + 1]:
+                    moves.add((b, i + 1) if sc[i + 1] <= sc[i] else (b, i))
+        for b, i in moves:
+            choice[b][i] = min(choice[b][i] + 1, k - 1)
+    return [[cand[b][i][choice[b][i]] for i in range(width)] for b in range(batch)]
+
+
+def test_distinct_neighbours_by_hand():
+    from elmer_fairseq.early_exit_generator import distinct_neighbours
+
+    cand = torch.tensor([[[5, 6], [5, 7], [5, 8], [9, 5], [9, 4]]])
+    scores = torch.tensor([[[-0.1, -2.0], [-0.5, -1.0], [-0.2, -3.0], [-0.3, -0.4], [-0.1, -0.2]]])
+    valid = torch.tensor([[True, True, True, True, False]])  # the last slot is padding: its 9 may stay
+    tokens, chosen = distinct_neighbours(cand, scores, valid)
+    # 5 5 5: the middle one is the least confident of both pairs, so it alone moves (to 7)
+    assert tokens.tolist() == [[5, 7, 5, 9, 9]]
+    assert torch.equal(chosen, torch.tensor([[-0.1, -1.0, -0.2, -0.3, -0.1]]))
+
+
+def test_distinct_neighbours_matches_a_naive_loop():
+    from elmer_fairseq.early_exit_generator import distinct_neighbours
+
+    gen = torch.Generator().manual_seed(0)
+    batch, width, k = 64, 9, 4
+    # few distinct tokens, so that neighbours often agree; each position's candidates distinct
+    cand = torch.stack([torch.randperm(6, generator=gen)[:k] for _ in range(batch * width)]).view(batch, width, k)
+    scores = torch.rand(batch, width, k, generator=gen).sort(-1, descending=True).values.log()
+    scores[:5] = scores[:5].round(decimals=1)  # ties
+    valid = torch.arange(width)[None, :] < torch.randint(1, width + 1, (batch, 1), generator=gen)
+    tokens, chosen = distinct_neighbours(cand, scores, valid)
+    assert tokens.tolist() == naive_distinct_neighbours(cand.tolist(), scores.tolist(), valid.tolist())
+    assert torch.equal(chosen, scores.gather(2, (cand == tokens[..., None]).float().argmax(-1, keepdim=True)).squeeze(2))
+
+
+def test_no_repeat_neighbours_in_the_generator_against_a_naive_reading(task):
+    """--no-repeat-neighbours K: the K best tokens (</s> and the banned ones excluded) of the last layer
+    at each position, chosen as the naive loop does, then </s> where it beats the chosen token."""
+    import math
+
+    from elmer_fairseq.exit_policies import banned_tokens
+
+    model = make_model(task, seed=3, canvas_len_b=8)
+    d = task.target_dictionary
+    sources = ["the cat sat on the mat", "a dog ran", "big red tree"]
+    src, src_len = encode(task, sources)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src_len}, "id": torch.arange(3)}
+    k = 3
+    hypos = EarlyExitGenerator(d, exit_threshold=0.0, no_repeat_neighbours=k).generate([model], sample)
+    canvas = model.initialize_canvas(src_len)
+    with torch.no_grad():
+        states, _ = model(src, src_len, canvas)
+        lprobs = torch.log_softmax(model.decoder.off_ramp(states, model.num_exit_layers), -1)
+    ranked = lprobs.clone()
+    ranked[..., banned_tokens(d) + [d.eos()]] = -math.inf
+    top_scores, top_tokens = ranked.topk(k, -1)
+    valid = canvas.ne(d.pad())
+    chosen = naive_distinct_neighbours(top_tokens.tolist(), top_scores.tolist(), valid.tolist())
+    plain = EarlyExitGenerator(d, exit_threshold=0.0).generate([model], sample)
+    changed = 0
+    for b, nbest in enumerate(hypos):
+        want = []
+        for i in range(int(valid[b].sum())):
+            tok = chosen[b][i]
+            if lprobs[b, i, d.eos()] > lprobs[b, i, tok]:
+                want.append(d.eos())
+                break
+            want.append(tok)
+        assert nbest[0]["tokens"].tolist() == want
+        changed += nbest[0]["tokens"].tolist() != plain[b][0]["tokens"].tolist()
+    assert changed  # the untrained model repeats: the rule changed something
+
+
+def test_no_repeat_neighbours_refuses_hard_exit_and_k_one(task):
+    model = make_model(task)
+    src, src_len = encode(task, ["a dog ran"])
+    sample = {"net_input": {"src_tokens": src, "src_lengths": src_len}, "id": torch.arange(1)}
+    with pytest.raises(ValueError, match="--no-repeat-neighbours"):
+        EarlyExitGenerator(task.target_dictionary, exit_threshold=0.5, no_repeat_neighbours=3).generate([model], sample)
+    with pytest.raises(ValueError, match="--no-repeat-neighbours must be 0"):
+        EarlyExitGenerator(task.target_dictionary, no_repeat_neighbours=1)

@@ -294,7 +294,7 @@ def test_length_calibration_grid_matches_the_generator_and_picks_the_nearest_rat
 def test_length_calibration_counts_what_collapse_repeats_writes(task):
     """With --collapse-repeats, the calibrated length at each penalty is the length the generator writes
     with that penalty and --collapse-repeats (consecutive equal pieces kept once, </s> not counted)."""
-    from elmer_fairseq.length_calibration import collapsed_lengths, length_table, lengths_at_penalties
+    from elmer_fairseq.length_calibration import counted_lengths, length_table, lengths_at_penalties
 
     model = make_model(task, seed=2, canvas_len_b=6)
     d = task.target_dictionary
@@ -302,7 +302,7 @@ def test_length_calibration_counts_what_collapse_repeats_writes(task):
     src, src_len = encode(task, SOURCES)
     generator = EarlyExitGenerator(d)
     tokens, scores, eos_scores, _, pad = generator.position_scores(model, src, src_len)
-    grid = collapsed_lengths(tokens, lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties)))
+    grid = counted_lengths(tokens, lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties)), collapse=True)
     for row, pen in enumerate(penalties):
         hypos = run_generator(task, model, eos_penalty=pen, collapse=True)
         written = [int(h[0]["tokens"].numel()) - int(h[0]["tokens"][-1] == d.eos()) for h in hypos]
@@ -312,8 +312,56 @@ def test_length_calibration_counts_what_collapse_repeats_writes(task):
         for n in range(tokens.size(1) + 1):
             prefix = tokens[b, :n].tolist()
             want = sum(1 for i, t in enumerate(prefix) if i == 0 or t != prefix[i - 1])
-            got = collapsed_lengths(tokens[b:b + 1], torch.tensor([[n]]))
+            got = counted_lengths(tokens[b:b + 1], torch.tensor([[n]]), collapse=True)
             assert int(got) == want
     table = length_table(model, generator, [make_sample(task, SOURCES, TARGETS)], penalties, d.pad(), collapse=True)
     assert [table[p][0] for p in penalties] == grid.sum(1).tolist()
     assert grid[-1].sum() > 0 and (grid <= lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties))).all()
+
+
+def test_length_calibration_with_no_repeat_neighbours_matches_the_generator(task):
+    """--no-repeat-neighbours K: the calibrated length at each penalty is what the generator writes with
+    that penalty and the same K."""
+    from elmer_fairseq.length_calibration import lengths_at_penalties
+
+    model = make_model(task, seed=5, canvas_len_b=6)
+    d = task.target_dictionary
+    penalties = [0.0, 0.5, 2.0, 50.0]
+    src, src_len = encode(task, SOURCES)
+    _, scores, eos_scores, _, pad = EarlyExitGenerator(d, no_repeat_neighbours=3).position_scores(model, src, src_len)
+    grid = lengths_at_penalties(scores, eos_scores, pad, torch.tensor(penalties))
+    for row, pen in enumerate(penalties):
+        hypos = run_generator(task, model, eos_penalty=pen, no_repeat_neighbours=3)
+        written = [int(h[0]["tokens"].numel()) - int(h[0]["tokens"][-1] == d.eos()) for h in hypos]
+        assert grid[row].tolist() == written, pen
+
+
+def test_word_lengths_count_what_sentencepiece_post_processing_writes():
+    """--unit words: the word count of every prefix (collapsed or not) equals the number of
+    whitespace-separated words fairseq's sentencepiece post-processing writes for it."""
+    from fairseq.data import Dictionary, data_utils
+
+    from elmer_fairseq.length_calibration import WordMarks, counted_lengths
+
+    d = Dictionary()
+    for sym in ["\u2581lib", "rary", "\u2581for", "\u2581C", "++", "\u2581", "(", "\u2581data", "s", "\u2581\u2581"]:
+        d.add_symbol(sym)
+    marks = WordMarks(d)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(d.nspecial, len(d), (40, 7), generator=gen)
+    tokens[:5, 1:4] = tokens[:5, :1]  # repeats
+    for collapse in (False, True):
+        for n in range(8):
+            lengths = torch.full((1, 40), n)
+            got = counted_lengths(tokens, lengths, collapse=collapse, marks=marks)[0].tolist()
+            want = []
+            for row in tokens[:, :n].tolist():
+                if collapse:
+                    row = [t for i, t in enumerate(row) if i == 0 or t != row[i - 1]]
+                text = data_utils.post_process(" ".join(d[t] for t in row), "sentencepiece")
+                want.append(len(text.split()))
+            assert got == want, (collapse, n)
+    plain = Dictionary()
+    plain.add_symbol("cat")
+    with pytest.raises(ValueError, match="--unit pieces"):
+        WordMarks(plain)
