@@ -8,7 +8,10 @@
 #              (TEACHER_DIR, default DATA_BIN-teacher; TEACHER_FLAGS replace the training flags below)
 #   OUT        the distilled data-bin (default DATA_BIN-distill): train = (source, teacher output);
 #              valid/test are DATA_BIN's, linked unchanged, so validation scores the real references
-#   BEAM (4), MAX_TOKENS (20000, per generation batch), MAX_LEN_B (128), CPU (1 on a machine without CUDA)
+#   BEAM (4), MAX_TOKENS (20000, per generation batch), CPU (1 on a machine without CUDA)
+#   MAX_LEN_B  the teacher's longest output in pieces: default the canvas length CANVAS_B of DATA_BIN/canvas.env
+#              (written by the recipes' prepare stage; the student cannot write more, and a looping teacher
+#              would otherwise run to the limit), else 128
 #   COLLAPSE   1 (default): drop consecutive repeated pieces from the teacher's outputs (an undertrained
 #              teacher's beam search loops, "ir ir ir"); 0 keeps them as decoded
 #   MAX_REPEAT_RATE  R: keep the reference target where more than R of the teacher's pieces repeat the piece
@@ -28,6 +31,9 @@ OUT=${OUT:-$DATA-distill}
 DEVICE=()
 if [ "${CPU:-$(python -c 'import torch; print(int(not torch.cuda.is_available()))')}" = 1 ]; then DEVICE=(--cpu); fi
 POS=(--max-source-positions "${MAX_SOURCE:-512}" --truncate-source)
+if [ -z "${MAX_LEN_B:-}" ] && [ -f "$DATA/canvas.env" ]; then
+  MAX_LEN_B=$(sed -n 's/^CANVAS_B=//p' "$DATA/canvas.env")
+fi
 
 if [ -z "${TEACHER:-}" ]; then
   TDIR=${TEACHER_DIR:-$DATA-teacher}

@@ -5,8 +5,9 @@
 #   train    fairseq-train --task nat_early_exit --arch elmer_nat --criterion lplm, Appendix B settings
 #            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
 #            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
-#   generate fairseq-generate on the test split (one pass, cut at the first </s> after a </s> penalty whose
-#            output length best matches the references' on training pairs; repeated pieces collapsed)
+#   generate fairseq-generate on the test split (one pass; neighbouring positions write distinct tokens
+#            among their 4 best; cut at the first </s> after a </s> penalty whose output length in words
+#            best matches the references' on training pairs)
 #   score    elmer-score --task $DATASET (the paper's columns)
 #   all      the four in order
 # Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
@@ -20,8 +21,11 @@
 #   GLAT           1 (default): glancing training (--glat); 0: off
 #   EOS_PENALTY    calibrate (default): pick --eos-penalty on CALIBRATION_PAIRS (1000) training pairs
 #                  (elmer_fairseq/length_calibration.py; the test split is not read); a number: use it
-#   COLLAPSE       1 (default): generate with --collapse-repeats (and calibrate the length after it); 0: off
-#                  (defaults measured on debsum valid, README "Quality on real data")
+#   NEIGHBOURS     4 (default; 0 with EARLY_EXIT=hard): generate (and calibrate) with --no-repeat-neighbours 4; 0: off
+#   COLLAPSE       0 (default): off; 1: generate with --collapse-repeats (and calibrate the length after it)
+#                  (defaults measured on debsum valid: the best R-L with the output/reference length ratio in
+#                  0.9-1.1, README "Quality on real data"; the calibration counts words with a sentencepiece
+#                  vocabulary, pieces with GPT-2 BPE)
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
 #   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
 #   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
@@ -98,11 +102,16 @@ train() {
 }
 
 generate() {
-  local post=() penalty=${EOS_PENALTY:-calibrate} collapse=()
-  if [ "${COLLAPSE:-1}" = 1 ]; then collapse=(--collapse-repeats); fi
+  local post=() penalty=${EOS_PENALTY:-calibrate} rules=() unit=pieces neighbours
+  # hard exit reads each token at its own layer: the neighbour rule needs one layer's K best
+  neighbours=${NEIGHBOURS:-$([ "${EARLY_EXIT:-soft}" = hard ] && echo 0 || echo 4)}
+  if [ "${COLLAPSE:-0}" = 1 ]; then rules=(--collapse-repeats); fi
+  if [ "$neighbours" != 0 ]; then rules+=(--no-repeat-neighbours "$neighbours"); fi
+  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then unit=words; fi
   if [ "$penalty" = calibrate ]; then
     python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
-      --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${collapse[@]}" \
+      --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${rules[@]}" \
+      --unit "$unit" \
       > "$SAVE/length-calibration.log" 2>&1 || { tail -5 "$SAVE/length-calibration.log"; exit 1; }
     penalty=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["eos_penalty"])' "$SAVE/length-calibration.json")
     echo "--eos-penalty $penalty (chosen on training pairs: $SAVE/length-calibration.json)"
@@ -111,7 +120,7 @@ generate() {
   else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
-    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${collapse[@]}" "${post[@]}" "${DEVICE[@]}" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
   grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true
 }

@@ -125,16 +125,18 @@ def test_recipe_end_to_end(dataset, tmp_path):
                BATCH="8", DATA_ROOT=str(tmp_path / "data-bin"), SAVE_DIR=str(tmp_path / "ckpt"),
                EXTRA_TRAIN_FLAGS=TINY, WORKERS="1", LOG_INTERVAL="1")
     env.pop("GPT2_BPE_DIR", None)
-    quality = dataset == "squad_qg"  # the defaults (GLAT, calibrated </s> penalty, collapse) here; off elsewhere
-    env.update({"CALIBRATION_PAIRS": "20"} if quality else {"GLAT": "0", "EOS_PENALTY": "0", "COLLAPSE": "0"})
-    for name in ("GLAT", "EOS_PENALTY", "COLLAPSE") if quality else ():
+    quality = dataset == "squad_qg"  # the defaults (GLAT, calibrated </s> penalty, distinct neighbours) here
+    env.update({"CALIBRATION_PAIRS": "20"} if quality else {"GLAT": "0", "EOS_PENALTY": "0", "NEIGHBOURS": "0",
+                                                             "COLLAPSE": "1"})
+    for name in ("GLAT", "EOS_PENALTY", "COLLAPSE", "NEIGHBOURS") if quality else ():
         env.pop(name, None)
     out = subprocess.run(["bash", f"scripts/{dataset}.sh", "all", str(raw)], cwd=REPO, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     if quality:
         chosen = json.loads((tmp_path / "ckpt" / "length-calibration.json").read_text())
-        assert chosen["subset"] == "train" and chosen["collapse_repeats"]
+        assert chosen["subset"] == "train" and not chosen["collapse_repeats"]
+        assert chosen["no_repeat_neighbours"] == 4 and chosen["unit"] == "words"  # a sentencepiece vocabulary
         assert f"--eos-penalty {chosen['eos_penalty']} (chosen on training pairs" in out.stdout
         assert "glat_ratio" in (tmp_path / "ckpt" / "train.log").read_text()
     canvas = (tmp_path / "data-bin" / dataset / "canvas.env").read_text()
