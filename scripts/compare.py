@@ -22,8 +22,8 @@ the valid split, ``elmer-score`` scores it, and one table is printed and written
   saved within the AR's training wall-clock.
 
 Systems whose name contains ``kd`` train on the AR's beam-4 outputs for the training split
-(``scripts/distill.sh`` with the AR as teacher). A stage whose output exists is not run again, so an
-interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
+(``scripts/distill.sh`` with the AR as teacher); ``kdmix``: on those and the original pairs together.
+A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
 """
 
 import argparse
@@ -74,6 +74,7 @@ SYSTEMS = {
     "elmer-soft-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
     "elmer-soft-kd": (["--early-exit", "soft"], ELMER_DECODES),
     "elmer-soft-kd-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
+    "elmer-soft-kdmix-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
     "elmer-hard-kd-glat": (["--early-exit", "hard", "--glat"], ELMER_DECODES),
     "elmer-lplm-kd-glat": (["--early-exit", "lplm", "--glat"], ELMER_DECODES),
 }
@@ -185,6 +186,8 @@ def train_flags(args, name):
 
 
 def data_dir(args, name):
+    if "kdmix" in name:
+        return os.path.join(args.work, "bin-kdmix")
     return os.path.join(args.work, "bin-kd" if "kd" in name else "bin")
 
 
@@ -228,6 +231,33 @@ def distill(args):
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
         out=os.path.join(args.work, "distill.log"))
     open(os.path.join(kd, "done"), "w").close()
+
+
+def mix(args):
+    """WORK/bin-kdmix: the distilled training pairs followed by the original ones, merged into one binarized
+    ``train`` split (fairseq 0.12's ``train1`` concatenation fails with numpy 2 in ConcatDataset.sizes);
+    the original valid split and dictionaries (links)."""
+    from fairseq.data import indexed_dataset
+
+    out = os.path.join(args.work, "bin-kdmix")
+    if os.path.exists(os.path.join(out, "done")):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    bin_dir, kd = os.path.join(args.work, "bin"), os.path.join(args.work, "bin-kd")
+    for f in os.listdir(bin_dir):
+        if not f.startswith("train.") and not f.endswith(".log"):
+            os.symlink(os.path.join(bin_dir, f), os.path.join(out, f))
+    for side in ("src", "tgt"):
+        stem = f"train.src-tgt.{side}"
+        with open(os.path.join(bin_dir, f"dict.{side}.txt"), encoding="utf-8") as f:
+            vocab = sum(1 for _ in f) + 4  # + fairseq's special symbols: the dtype fairseq-preprocess chose
+        builder = indexed_dataset.make_builder(os.path.join(out, stem + ".bin"), impl="mmap", vocab_size=vocab)
+        for part in (kd, bin_dir):
+            builder.merge_file_(os.path.join(part, stem))
+        builder.finalize(os.path.join(out, stem + ".idx"))
+    open(os.path.join(out, "done"), "w").close()
+    log(f"{out}: distilled + original training pairs")
 
 
 # ---------------------------------------------------------------- generation and scores
@@ -384,6 +414,8 @@ def main(argv=None):
         for name in names:
             if "kd" in name:
                 distill(args)
+            if "kdmix" in name:
+                mix(args)
             train(args, name)
     ar_wall = max(walls(args, "ar").values(), default=None)
     for name in names:

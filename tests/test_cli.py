@@ -162,3 +162,39 @@ def test_gpu_bench_says_when_there_is_no_gpu(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 3 and proc.stderr.strip() == "gpu_bench.sh: torch sees no CUDA device; nothing run"
     assert not (tmp_path / "out").exists()
+
+
+def test_profile_generation_attributes_time_to_the_part_that_spends_it(trained, monkeypatch):
+    """scripts/profile_generation.py: a decoder layer slowed by 20 ms a call is charged those 20 ms and
+    the other parts are not; the parts and the time outside them add up to the whole call."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import profile_generation
+    from benchmark import batches, load
+
+    _, dest, ckpt, _ = trained
+    model, task = load(str(ckpt / "checkpoint_last.pt"), str(dest))
+    model.eval()
+    gen = task.build_generator([model], None)
+    samples = batches(task, "valid", 1, 4, torch.device("cpu"))
+    plain = profile_generation.profile(model, task, gen, samples, torch.device("cpu"), warmup=1)
+    layer = model.decoder.layers[1]
+    forward = layer.forward
+
+    def slow(*a, **kw):
+        time.sleep(0.02)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(layer, "forward", slow)
+    slowed = profile_generation.profile(model, task, gen, samples, torch.device("cpu"), warmup=1)
+    labels = {"encoder", "decoder layer 1", "decoder layer 2", "off-ramps / output projection"}
+    assert labels <= set(slowed)
+    assert slowed["decoder layer 2"] - plain["decoder layer 2"] >= 19.0
+    assert abs(slowed["encoder"] - plain["encoder"]) < 10.0 and slowed["decoder layer 1"] < 10.0
+    for figures in (plain, slowed):
+        parts = sum(v for k, v in figures.items() if not k.startswith(("whole", "outside")))
+        assert parts + figures["outside the model's modules"] == pytest.approx(figures["whole call"])
+        assert figures["outside the model's modules"] >= 0

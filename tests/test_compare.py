@@ -87,3 +87,36 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "fairseq-train" not in again.stdout
     assert json.loads((work / "compare.json").read_text())["rows"] == report["rows"]
+
+
+def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, tmp_path):
+    """compare.py's ``kdmix`` data folder: one binarized train split holding the distilled pairs followed
+    by the original ones, item for item; valid and the dictionaries are the original folder's."""
+    import argparse
+    import shutil
+
+    from fairseq.data import data_utils
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    _, dest = data_bin
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "bin").symlink_to(dest)
+    kd = work / "bin-kd"
+    kd.mkdir()
+    for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
+        for ext in ("bin", "idx"):
+            shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
+    compare.mix(argparse.Namespace(work=str(work)))
+    for side in ("src", "tgt"):
+        merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
+        first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
+        second = data_utils.load_indexed_dataset(str(dest / f"train.src-tgt.{side}"), None)
+        assert len(merged) == len(first) + len(second) == 8 + 48
+        want = [first[i] for i in range(len(first))] + [second[i] for i in range(len(second))]
+        assert all(merged[i].tolist() == w.tolist() for i, w in enumerate(want))
+    assert (work / "bin-kdmix" / "dict.tgt.txt").read_text() == (dest / "dict.tgt.txt").read_text()
+    assert (work / "bin-kdmix" / "valid.src-tgt.tgt.idx").read_bytes() == (dest / "valid.src-tgt.tgt.idx").read_bytes()
+    assert not (work / "bin-kdmix" / "train1.src-tgt.src.idx").exists()
