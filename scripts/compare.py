@@ -58,6 +58,11 @@ def calibrated(collapse=False, neighbours=0, unit="pieces"):
     return {"collapse": collapse, "neighbours": neighbours, "unit": unit}
 
 
+def rule_flags(collapse=False, neighbours=0):
+    """The repeat rules of a calibrated decode, as generation and length calibration both take them."""
+    return (["--collapse-repeats"] if collapse else []) + (["--no-repeat-neighbours", str(neighbours)] if neighbours else [])
+
+
 ELMER_DECODES = {
     "first </s>": ["--length-rule", "first-eos"],
     "most probable </s>": ["--length-rule", "mode"],
@@ -273,9 +278,8 @@ def generate(args, name, label, ckpt, tag=""):
         flags, penalty = decodes[label], None
         if isinstance(flags, dict):
             penalty = calibrated_penalty(args, name, ckpt, **flags)
-            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)]
-            flags += ["--collapse-repeats"] if decodes[label]["collapse"] else []
-            flags += ["--no-repeat-neighbours", str(decodes[label]["neighbours"])] if decodes[label]["neighbours"] else []
+            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)] + rule_flags(flags["collapse"],
+                                                                                             flags["neighbours"])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -315,9 +319,8 @@ def calibrated_penalty(args, name, ckpt, collapse=False, neighbours=0, unit="pie
     out = os.path.join(args.work, name, f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
-             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit,
-             "--no-repeat-neighbours", str(neighbours)]
-            + (["--collapse-repeats"] if collapse else []), out=out + ".log")
+             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit]
+            + rule_flags(collapse, neighbours), out=out + ".log")
     with open(out) as f:
         return json.load(f)["eos_penalty"]
 

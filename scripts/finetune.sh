@@ -107,7 +107,8 @@ generate() {
   neighbours=${NEIGHBOURS:-$([ "${EARLY_EXIT:-soft}" = hard ] && echo 0 || echo 4)}
   if [ "${COLLAPSE:-0}" = 1 ]; then rules=(--collapse-repeats); fi
   if [ "$neighbours" != 0 ]; then rules+=(--no-repeat-neighbours "$neighbours"); fi
-  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then unit=words; fi
+  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece); unit=words
+  else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
   if [ "$penalty" = calibrate ]; then
     python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
       --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${rules[@]}" \
@@ -116,8 +117,6 @@ generate() {
     penalty=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["eos_penalty"])' "$SAVE/length-calibration.json")
     echo "--eos-penalty $penalty (chosen on training pairs: $SAVE/length-calibration.json)"
   fi
-  if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece)
-  else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
     --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \

@@ -74,12 +74,12 @@ class PartTimer:
         # forward_scriptable directly (no module hooks): time that method on this instance
         encoder = model.encoder
         if hasattr(encoder, "forward_torchscript"):
-            plain = encoder.forward_torchscript
+            plain, pre, post = encoder.forward_torchscript, self._pre("encoder"), self._post("encoder")
 
             def timed(*a, **kw):
-                self._pre("encoder")(encoder, a)
+                pre(encoder, a)
                 out = plain(*a, **kw)
-                self._post("encoder")(encoder, a, out)
+                post(encoder, a, out)
                 return out
 
             encoder.forward_torchscript = timed
