@@ -430,7 +430,7 @@ class ElmerDecoder(FairseqDecoder):
         ``extra["exit_layers"]`` (B, T) the l_t (0 at padding), and
         ``extra["predictions"]`` what the policy produced: a predicting policy's
         ``tokens``/``scores``/``eos_scores`` (B, T) at each token's exit layer,
-        soft exit's ``layer_logits`` (a list of (B, T, V)). With
+        soft exit's ``layer_logits`` (a list of (T, B, V), as computed). With
         ``return_all_hiddens``, ``extra["inner_states"]`` lists the (T, B, C)
         states after the embedding and after each layer that ran (an exited
         token's carried state), and ``extra["layer_outputs"]`` each layer's

@@ -41,6 +41,19 @@ def ban_tokens(scores, banned):
     return scores.index_fill(-1, scores.new_tensor(banned, dtype=torch.long), float("-inf"))
 
 
+def allowed_argmax(scores, banned):
+    """``ban_tokens(scores, banned).argmax(-1)`` without copying ``scores``: the best of the
+    ``len(banned) + 1`` highest ids that is not banned (one top-k pass over the vocabulary instead of a
+    full copy and an argmax; the soft-exit argmax runs on (T, B, V) logits at every layer). Ties are
+    broken towards the lower id, as argmax does, among the ids top-k returns."""
+    if not banned:
+        return scores.argmax(-1)
+    values, ids = scores.topk(len(banned) + 1, dim=-1)
+    ok = ~torch.isin(ids, ids.new_tensor(banned))
+    best = values.masked_fill(~ok, float("-inf")).amax(-1, keepdim=True)
+    return torch.where(ok & values.eq(best), ids, scores.size(-1)).amin(-1)
+
+
 class ExitPolicy:
     """Base class. Capability flags, read by the decoder and the generator:
 
@@ -168,7 +181,8 @@ class SoftExit(LastLayerExit):
     position that has a reference token (``gold_mask``) takes the gold
     token's embedding instead with probability ``gold_prob`` (the released
     code uses 0.3). With ``keep_logits`` the off-ramp logits of layers
-    1..L-1 go to ``out["layer_logits"]``, (B, T, V) each, for the loss.
+    1..L-1 go to ``out["layer_logits"]``, (T, B, V) each (the decoder's
+    layout, not copied), for the loss.
     """
 
     plain_last_layer = False  # it rewrites the states between layers
@@ -185,9 +199,9 @@ class SoftExit(LastLayerExit):
     def transform(self, layer, states, decoder, out):
         logits = decoder.off_ramp(states, layer)
         if self.keep_logits:
-            out.setdefault("layer_logits", []).append(logits.transpose(0, 1))
+            out.setdefault("layer_logits", []).append(logits)
         with torch.no_grad():
-            tokens = ban_tokens(logits, self.banned).argmax(-1)
+            tokens = allowed_argmax(logits, self.banned)
             if self.gold is not None and self.gold_prob > 0:
                 use_gold = torch.rand(tokens.shape, device=tokens.device) < self.gold_prob
                 if self.gold_mask is not None:  # only where a reference token exists

@@ -29,8 +29,9 @@ class TrainingBatch:
     """What a strategy's training pass gets from the criterion.
 
     ``canvas``/``targets``/``mask`` are (B, T): the decoder input, the aligned
-    reference and the trained positions. ``nll(logits, target)`` returns the
-    (label-smoothed loss, nll loss) sums. ``exit_layers`` (k*B, T) fixes LPLM's
+    reference and the trained positions. ``nll(logits, target, weight=None)``
+    returns the (label-smoothed loss, nll loss) sums, over the positions of
+    weight 1 if a 0/1 ``weight`` is given (``lplm_criterion.smoothed_nll``). ``exit_layers`` (k*B, T) fixes LPLM's
     draw (tests); ``samples`` is ``--lplm-samples``.
     """
 
@@ -165,8 +166,11 @@ class SoftStrategy(ExitStrategy):
         L = model.num_exit_layers
         loss, nll_loss = batch.nll(model.decoder.off_ramp(states[mask], L), targets[mask])
         loss = loss / L
+        # the inner layers' logits are (T, B, V), computed at every position for the argmax: the loss
+        # reads the trained positions in place (no gather of vocabulary-sized rows)
+        targets_t, mask_t = targets.t(), mask.t()
         for logits in extra["predictions"].get("layer_logits", []):
-            l_loss, _ = batch.nll(logits[mask], targets[mask])
+            l_loss, _ = batch.nll(logits, targets_t, mask_t)
             loss = loss + l_loss / L
         return loss, nll_loss, torch.full_like(targets[mask], L), 1
 

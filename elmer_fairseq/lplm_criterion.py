@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
-from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
-from .exit_policies import ban_tokens, banned_tokens
+from .exit_policies import allowed_argmax, banned_tokens
 from .exit_strategies import STRATEGIES, TrainingBatch, strategy_of
 from .option_checks import add_checked_args, at_least, check_fields, within
 
@@ -60,6 +59,48 @@ class LPLMCriterionConfig(FairseqDataclass):
         metadata={"help": "updates over which the glancing ratio anneals from --glat-ratio to --glat-ratio-end "
                   "(e.g. --max-update); 0: --glat-ratio throughout", "check": at_least(0)},
     )
+
+
+class _SmoothedNLL(torch.autograd.Function):
+    """fairseq's ``label_smoothed_nll_loss`` (summed) on ``log_softmax(logits)``, with a weight per
+    position, in one function: the forward keeps the log-probabilities only, and the backward writes
+    the gradient in one vocabulary-sized tensor,
+
+        d loss / d x_k = w (p_k - eps_i - (1 - eps - eps_i) [k = y]),  eps_i = eps / (V - 1)
+
+    (the smoothing coefficients sum to one), instead of autograd's chain of gather, sum, scatter
+    and log-softmax backward. Positions of weight 0 cost no copy of their logits and get zero
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, eps):
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        eps_i = eps / (lprobs.size(-1) - 1)
+        loss = (1.0 - eps - eps_i) * nll + eps_i * -lprobs.sum(-1)
+        ctx.save_for_backward(lprobs, target, weight)
+        ctx.eps, ctx.dtype = eps, logits.dtype
+        return (loss * weight).sum(), (nll * weight).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):
+        lprobs, target, weight = ctx.saved_tensors
+        eps_i = ctx.eps / (lprobs.size(-1) - 1)
+        grad = lprobs.exp().mul_((weight * (grad_loss + grad_nll)).unsqueeze(-1))
+        grad.sub_((weight * grad_loss * eps_i).unsqueeze(-1))
+        gold = weight * (grad_loss * (1.0 - ctx.eps - eps_i) + grad_nll)
+        grad.scatter_add_(-1, target.unsqueeze(-1), -gold.unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None, None
+
+
+def smoothed_nll(logits, target, eps, weight=None):
+    """(label-smoothed loss, nll loss) sums of ``logits`` (..., V) against ``target`` (...), each
+    position weighted by ``weight`` (..., a 0/1 mask; all ones if None): fairseq's
+    ``label_smoothed_nll_loss(log_softmax(logits), target, eps, reduce=True)`` on the weighted
+    positions, computed by ``_SmoothedNLL``."""
+    if weight is None:
+        weight = torch.ones(target.shape, dtype=torch.float, device=target.device)
+    return _SmoothedNLL.apply(logits, target, weight.float(), float(eps))
 
 
 @register_criterion("lplm", dataclass=LPLMCriterionConfig)
@@ -153,7 +194,7 @@ class LPLMCriterion(FairseqCriterion):
                 predicted = extra["predictions"]["tokens"]
             else:
                 logits = model.decoder.off_ramp(states, model.num_exit_layers)
-                predicted = ban_tokens(logits, self.banned).argmax(-1)
+                predicted = allowed_argmax(logits, self.banned)
             wrong = (predicted.ne(targets) & mask).sum(1)
             n_reveal = (wrong.float() * self.glancing_ratio()).long()
             candidates = mask & targets.ne(pad)
@@ -162,9 +203,8 @@ class LPLMCriterion(FairseqCriterion):
             revealed = (rank < n_reveal[:, None]) & candidates
         return torch.where(revealed, targets, canvas), mask & ~revealed, revealed
 
-    def _nll(self, logits, target):
-        lprobs = utils.log_softmax(logits, dim=-1)
-        return label_smoothed_nll_loss(lprobs, target, self.eps, reduce=True)
+    def _nll(self, logits, target, weight=None):
+        return smoothed_nll(logits, target, self.eps, weight)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -23,6 +23,10 @@ the valid split, ``elmer-score`` scores it, and one table is printed and written
 
 Systems whose name contains ``kd`` train on the AR's beam-4 outputs for the training split
 (``scripts/distill.sh`` with the AR as teacher); ``kdmix``: on those and the original pairs together.
+With ``--teacher-updates N`` (N > ``--max-update``) the teacher is the same AR trained on to N updates
+(``WORK/ar-tN``, resumed from the baseline's last checkpoint: same size, data and schedule), its data
+``WORK/bin-kd-tN``, and the students' folders ``WORK/<system>-tN``; the teacher's own beam-4 scores are a
+row of the table. The baseline every system is compared with stays the AR at ``--max-update``.
 A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
 """
 
@@ -83,6 +87,7 @@ SYSTEMS = {
     "elmer-hard-kd-glat": (["--early-exit", "hard", "--glat"], ELMER_DECODES),
     "elmer-lplm-kd-glat": (["--early-exit", "lplm", "--glat"], ELMER_DECODES),
 }
+TEACHER = "ar teacher"  # the AR trained on to --teacher-updates: scored like "ar", beam 4 only
 DEFAULT_SYSTEMS = "ar,elmer-soft-glat"  # the 1,800-update debsum comparison (README)
 
 
@@ -170,14 +175,22 @@ def prepare(args):
 
 # ---------------------------------------------------------------- training
 
-def train_flags(args, name):
+def spec(name):
+    """(training flags, decodes) of a system; the trained-on teacher is decoded with beam 4."""
+    if name == TEACHER:
+        return [], {"beam 4": SYSTEMS["ar"][1]["beam 4"]}
+    return SYSTEMS[name]
+
+
+def train_flags(args, name, max_update=None):
     extra, _ = SYSTEMS[name]
+    max_update = max_update or args.max_update
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
         canvas = json.load(f)
     common = [*SIZES[args.size], "--dropout", "0.1",
               "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
               "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "1.0",
-              "--max-tokens", str(args.max_tokens), "--max-update", str(args.max_update),
+              "--max-tokens", str(args.max_tokens), "--max-update", str(max_update),
               "--max-source-positions", "512", "--truncate-source", "--disable-validation",
               "--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
               "--no-epoch-checkpoints", "--seed", str(args.seed), "--num-workers", "0",
@@ -190,14 +203,27 @@ def train_flags(args, name):
                                    "--canvas-len-b", str(canvas["canvas_len_b"])] + extra
 
 
+def teacher_tag(args):
+    """'' when the AR baseline is the teacher, else '-tN' (the suffix of the teacher's, its data's and
+    its students' folders)."""
+    return "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"
+
+
+def folder(args, name):
+    """WORK/<name>, with the teacher's suffix for the kd systems; TEACHER: the teacher trained on."""
+    if name == TEACHER:
+        return os.path.join(args.work, "ar" + teacher_tag(args))
+    return os.path.join(args.work, name + (teacher_tag(args) if "kd" in name else ""))
+
+
 def data_dir(args, name):
     if "kdmix" in name:
-        return os.path.join(args.work, "bin-kdmix")
-    return os.path.join(args.work, "bin-kd" if "kd" in name else "bin")
+        return os.path.join(args.work, "bin-kdmix" + teacher_tag(args))
+    return os.path.join(args.work, "bin-kd" + teacher_tag(args) if "kd" in name else "bin")
 
 
 def train(args, name):
-    save = os.path.join(args.work, name)
+    save = folder(args, name)
     last = os.path.join(save, "checkpoint_last.pt")
     if os.path.exists(os.path.join(save, "done")):
         return
@@ -212,10 +238,29 @@ def train(args, name):
         json.dump({"wall_s": time.time() - t0, "command": cmd}, f)
 
 
+def train_teacher(args):
+    """WORK/ar-tN: the AR baseline trained on from its last checkpoint to --teacher-updates (fairseq-train
+    restores the model, optimizer, learning-rate schedule and data position from checkpoint_last.pt)."""
+    save = os.path.join(args.work, "ar" + teacher_tag(args))
+    if os.path.exists(os.path.join(save, "done")):
+        return
+    shutil.rmtree(save, ignore_errors=True)
+    os.makedirs(save)
+    shutil.copy(os.path.join(args.work, "ar", "checkpoint_last.pt"), os.path.join(save, "checkpoint_last.pt"))
+    cmd = [tool("fairseq-train"), os.path.join(args.work, "bin"), "--save-dir", save,
+           *train_flags(args, "ar", max_update=args.teacher_updates),
+           # --user-dir allow-lists fairseq's checkpoint types for torch.load (the resume reads one)
+           "--user-dir", os.path.join(REPO, "elmer_fairseq")]
+    t0 = time.time()
+    run(cmd, out=os.path.join(save, "train.log"))
+    with open(os.path.join(save, "done"), "w") as f:
+        json.dump({"wall_s": time.time() - t0, "command": cmd}, f)
+
+
 def walls(args, name):
     """{num_updates: training wall-clock seconds} from the fairseq train log."""
     out = {}
-    with open(os.path.join(args.work, name, "train.log")) as f:
+    with open(os.path.join(folder(args, name), "train.log")) as f:
         for line in f:
             m_u, m_w = re.search(r"num_updates[ =](\d+)", line), re.search(r"\bwall[ =]([\d.]+)", line)
             if m_u and m_w:
@@ -224,17 +269,17 @@ def walls(args, name):
 
 
 def distill(args):
-    kd = os.path.join(args.work, "bin-kd")
+    kd = os.path.join(args.work, "bin-kd" + teacher_tag(args))
     if os.path.exists(os.path.join(kd, "done")):
         return
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
         canvas = json.load(f)["canvas_len_b"]
     # the teacher writes at most what the student's canvas holds (longer targets would be truncated
     # in training): a looping teacher's beam search would otherwise run to 128 pieces
-    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar", "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
+    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar" + teacher_tag(args), "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
-        out=os.path.join(args.work, "distill.log"))
+        out=os.path.join(args.work, f"distill{teacher_tag(args)}.log"))
     open(os.path.join(kd, "done"), "w").close()
 
 
@@ -244,12 +289,12 @@ def mix(args):
     the original valid split and dictionaries (links)."""
     from fairseq.data import indexed_dataset
 
-    out = os.path.join(args.work, "bin-kdmix")
+    out = data_dir(args, "kdmix")
     if os.path.exists(os.path.join(out, "done")):
         return
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    bin_dir, kd = os.path.join(args.work, "bin"), os.path.join(args.work, "bin-kd")
+    bin_dir, kd = os.path.join(args.work, "bin"), data_dir(args, "kd")
     for f in os.listdir(bin_dir):
         if not f.startswith("train.") and not f.endswith(".log"):
             os.symlink(os.path.join(bin_dir, f), os.path.join(out, f))
@@ -271,9 +316,9 @@ def generate(args, name, label, ckpt, tag=""):
     """fairseq-generate on valid; returns the score record (cached as JSON next to the output)."""
     from elmer_fairseq.score import parse_generate_log, score, text_shape
 
-    _, decodes = SYSTEMS[name]
+    _, decodes = spec(name)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{label} {tag}".lower()).strip("-")
-    out = os.path.join(args.work, name, f"valid.{slug}.txt")
+    out = os.path.join(folder(args, name), f"valid.{slug}.txt")
     if not os.path.exists(out + ".json"):
         flags, penalty = decodes[label], None
         if isinstance(flags, dict):
@@ -285,7 +330,7 @@ def generate(args, name, label, ckpt, tag=""):
                "--max-source-positions", "512", "--truncate-source", *flags,
                # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
                "--user-dir", os.path.join(REPO, "elmer_fairseq")]
-        if name != "ar":
+        if name not in ("ar", TEACHER):
             cmd += ["--task", "nat_early_exit"]
         else:  # the AR may write up to 3x the ELMER canvas (the p99 target length), never more
             with open(os.path.join(args.work, "bin", "canvas.json")) as f:
@@ -316,7 +361,7 @@ def calibrated_penalty(args, name, ckpt, collapse=False, neighbours=0, unit="pie
     --collapse-repeats, with ``neighbours`` the outputs of --no-repeat-neighbours, counted in ``unit``
     (pieces or words). The valid split is not read."""
     tag = (".collapsed" if collapse else "") + (f".k{neighbours}" if neighbours else "") + ("" if unit == "pieces" else f".{unit}")
-    out = os.path.join(args.work, name, f"calibration{tag}.{os.path.basename(ckpt)}.json")
+    out = os.path.join(folder(args, name), f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
              "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit]
@@ -327,7 +372,7 @@ def calibrated_penalty(args, name, ckpt, collapse=False, neighbours=0, unit="pie
 
 def bs1_ms(args, name, ckpt, tag=""):
     """Batch-1 median ms per sentence from scripts/benchmark.py (cached)."""
-    out = os.path.join(args.work, name, f"bs1{tag}.json")
+    out = os.path.join(folder(args, name), f"bs1{tag}.json")
     if not os.path.exists(out):
         flag = {"ar": "--ar"}.get(name, "--elmer-soft")
         cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--data", os.path.join(args.work, "bin"),
@@ -343,8 +388,8 @@ def bs1_ms(args, name, ckpt, tag=""):
 
 def interval_checkpoint(args, name, updates):
     """WORK/<name>/checkpoint_<epoch>_<updates>.pt, or None."""
-    found = [f for f in os.listdir(os.path.join(args.work, name)) if f.endswith(f"_{updates}.pt")]
-    return os.path.join(args.work, name, found[0]) if found else None
+    found = [f for f in os.listdir(folder(args, name)) if f.endswith(f"_{updates}.pt")]
+    return os.path.join(folder(args, name), found[0]) if found else None
 
 
 def time_matched_checkpoint(args, name, budget_s):
@@ -400,21 +445,32 @@ def main(argv=None):
     p.add_argument("--at-update", type=int, metavar="N",
                    help="score every system at its interval checkpoint of N updates (a multiple of --save-every) "
                    "instead of training to --max-update; systems still training are read as they are")
+    p.add_argument("--teacher-updates", type=int, metavar="N",
+                   help="the kd systems' teacher: the AR trained on from --max-update to N updates (default: the "
+                   "AR baseline itself, N = --max-update); students still train --max-update updates")
     args = p.parse_args(argv)
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
+    args.teacher_updates = args.teacher_updates or args.max_update
+    if args.teacher_updates < args.max_update:
+        p.error(f"--teacher-updates {args.teacher_updates}: expected at least --max-update ({args.max_update})")
     names = [n for n in args.systems.split(",") if n]
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         p.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     if "ar" not in names:
         names.insert(0, "ar")  # the baseline, and the teacher of the kd systems
+    trained_on = teacher_tag(args) and any("kd" in n for n in names)
+    if trained_on:
+        names.insert(1, TEACHER)
     os.makedirs(args.work, exist_ok=True)
 
     prepare(args)
     rows = []
     if args.at_update is None:
         train(args, "ar")
-        for name in names:
+        if trained_on:
+            train_teacher(args)
+        for name in names[2 if trained_on else 1:]:
             if "kd" in name:
                 distill(args)
             if "kdmix" in name:
@@ -423,15 +479,21 @@ def main(argv=None):
     ar_wall = max(walls(args, "ar").values(), default=None)
     for name in names:
         tag = "" if args.at_update is None else f"at {args.at_update}"
-        ckpt = os.path.join(args.work, name, "checkpoint_last.pt")
+        ckpt = os.path.join(folder(args, name), "checkpoint_last.pt")
         if args.at_update is not None:
             ckpt = interval_checkpoint(args, name, args.at_update)
             if ckpt is None:
                 raise SystemExit(f"compare: {name} has no checkpoint at {args.at_update} updates")
+        if name == TEACHER:  # read at its last checkpoint; not timed (the same model as the AR's)
+            r = generate(args, name, "beam 4", os.path.join(folder(args, name), "checkpoint_last.pt"))
+            r.update(system=f"ar, {args.teacher_updates} updates (teacher)", updates=args.teacher_updates)
+            rows.append(r)
+            continue
         timing = bs1_ms(args, name, ckpt, tag.replace(" ", "-")) if args.bs1_sentences else {}
         _, decodes = SYSTEMS[name]
         for label in decodes:
             r = generate(args, name, label, ckpt, tag)
+            r["system"] = os.path.basename(folder(args, name))
             r["updates"] = args.at_update or args.max_update
             r["train_s"] = walls(args, name).get(r["updates"])
             if name == "ar":

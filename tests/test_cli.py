@@ -1,5 +1,6 @@
 """End to end through fairseq's own CLIs with --user-dir: preprocess, train, resume, generate, interactive."""
 
+import json
 import os
 import re
 import subprocess
@@ -198,3 +199,48 @@ def test_profile_generation_attributes_time_to_the_part_that_spends_it(trained, 
         parts = sum(v for k, v in figures.items() if not k.startswith(("whole", "outside")))
         assert parts + figures["outside the model's modules"] == pytest.approx(figures["whole call"])
         assert figures["outside the model's modules"] >= 0
+
+
+def test_train_speed_reads_fairseq_intervals_by_hand():
+    """scripts/train_speed.py: updates/s is total updates over total time after the skipped start,
+    each interval's time being its updates over its logged ups; tokens/s weights wpb the same way."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import train_speed
+
+    log = ["2026 | INFO | train_inner | epoch 001:     10 / 99 loss=9, ups=0.5, wpb=100, bsz=4, num_updates=10, wall=20",
+           "2026 | INFO | train_inner | epoch 001:     20 / 99 loss=9, ups=1, wpb=200, bsz=4, num_updates=20, wall=30",
+           "2026 | INFO | train | epoch 001 | loss 9 | ups 9 | wpb 1 | num_updates 30",  # epoch summary: not an interval
+           "2026 | INFO | train_inner | epoch 002:     10 / 99 loss=9, ups=2, wpb=300, bsz=4, num_updates=40, wall=40"]
+    rows = train_speed.intervals(log)
+    assert rows == [(10, 0.5, 100.0), (20, 1.0, 200.0), (40, 2.0, 300.0)]
+    got = train_speed.speed(rows, skip=10)
+    # timed: 10 updates at 1/s (10 s) and 20 updates at 2/s (10 s)
+    assert got["timed_updates"] == 30 and got["timed_s"] == pytest.approx(20.0)
+    assert got["updates_per_s"] == pytest.approx(1.5)
+    assert got["tokens_per_s"] == pytest.approx((10 * 200 + 20 * 300) / 20.0)
+    with pytest.raises(ValueError, match="--updates"):
+        train_speed.speed(rows, skip=40)
+    with pytest.raises(SystemExit, match="unknown modifier"):
+        train_speed.system_flags("elmer-soft+fp8", {"canvas_len_a": 0, "canvas_len_b": 8})
+    with pytest.raises(SystemExit, match="ELMER systems only"):
+        train_speed.system_flags("ar+bf16", {"canvas_len_a": 0, "canvas_len_b": 8})
+
+
+def test_train_speed_end_to_end_on_the_sample(data_bin, tmp_path):
+    """Two systems through fairseq-train (the AR and ELMER-Soft with --autocast-bf16), one JSON record each."""
+    import shutil
+
+    dest = tmp_path / "bin"
+    shutil.copytree(data_bin[1], dest)  # the fixture's folder is shared: the canvas rule goes in a copy
+    (dest / "canvas.env").write_text("CANVAS_A=0\nCANVAS_B=8\n")
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train_speed.py"), "--data", str(dest),
+                           "--size", "tiny", "--updates", "6", "--interval", "2", "--skip", "2",
+                           "--systems", "ar,elmer-soft+bf16", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["system"] for r in results] == ["ar", "elmer-soft+bf16"]
+    assert all(r["updates_per_s"] > 0 and r["timed_updates"] == 4 for r in results)
+    assert "--autocast-bf16" in results[1]["command"] and "--autocast-bf16" not in results[0]["command"]
+    assert "| elmer-soft+bf16 |" in proc.stdout

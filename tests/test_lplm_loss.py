@@ -111,3 +111,72 @@ def test_bad_options_are_rejected_with_the_flag(task):
         LPLMCriterion(task, lplm_samples=0)
     with pytest.raises(ValueError, match="--canvas-len"):
         make_model(task, canvas_len_a=0.0, canvas_len_b=0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_smoothed_nll_equals_fairseq_loss_and_gradient(eps):
+    """lplm_criterion.smoothed_nll (one autograd function, weighted positions in place) against fairseq's
+    label_smoothed_nll_loss on log_softmax of the gathered positions: the same sums and gradients,
+    for any pair of output gradients, and zero gradient at the positions of weight 0."""
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+    from elmer_fairseq.lplm_criterion import smoothed_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(6, 4, 23, generator=gen)).requires_grad_()
+    target = torch.randint(0, 23, (6, 4), generator=gen)
+    weight = torch.rand(6, 4, generator=gen) > 0.3
+    loss, nll = smoothed_nll(logits, target, eps, weight)
+    (2.0 * loss + 3.0 * nll).backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    ref_loss, ref_nll = label_smoothed_nll_loss(torch.log_softmax(logits[weight], -1), target[weight], eps, reduce=True)
+    (2.0 * ref_loss + 3.0 * ref_nll).backward()
+    assert torch.allclose(loss, ref_loss, rtol=1e-5) and torch.allclose(nll, ref_nll, rtol=1e-5)
+    assert torch.allclose(got, logits.grad, atol=1e-6)
+    assert got[~weight].abs().max() == 0
+    # no weight: every position
+    all_loss, _ = smoothed_nll(logits, target, eps)
+    ref_all, _ = label_smoothed_nll_loss(torch.log_softmax(logits.reshape(-1, 23), -1), target.reshape(-1), eps, reduce=True)
+    assert torch.allclose(all_loss, ref_all, rtol=1e-5)
+
+
+def test_allowed_argmax_equals_ban_then_argmax():
+    from elmer_fairseq.exit_policies import allowed_argmax, ban_tokens
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(9, 5, 40, generator=gen)
+    scores[0, 0, 2] = 50.0  # a banned id that would win
+    scores[1, 1, [1, 2, 3]] = 60.0  # every banned id above the rest
+    scores[2, 2, [7, 30]] = 70.0  # a tie: the lower id, as argmax
+    banned = [1, 2, 3]
+    got = allowed_argmax(scores, banned)
+    assert torch.equal(got, ban_tokens(scores, banned).argmax(-1))
+    assert got[2, 2] == 7 and not torch.isin(got, torch.tensor(banned)).any()
+    assert torch.equal(allowed_argmax(scores, []), scores.argmax(-1))
+
+
+def test_autocast_bf16_option_keeps_the_loss_and_fp32_gradients(task):
+    """--autocast-bf16: the task runs the criterion's forward under bf16 autocast; the loss stays
+    within bf16 rounding of the fp32 loss, and the parameters and their gradients stay fp32."""
+    from elmer_fairseq.nat_early_exit_task import NATEarlyExitConfig, NATEarlyExitTask
+
+    sample = make_sample(task, SOURCES, TARGETS)
+    losses, dtypes = {}, {}
+    for bf16 in (False, True):
+        t = NATEarlyExitTask(NATEarlyExitConfig(autocast_bf16=bf16), task.src_dict, task.tgt_dict)
+        model = make_model(t, seed=4, early_exit="soft", canvas_len_a=0.0, canvas_len_b=8)
+        crit = LPLMCriterion(t, label_smoothing=0.1)
+        seen = {}
+        handle = model.decoder.off_ramps[0].register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))
+
+        class Optimizer:  # what fairseq's train_step asks of the optimizer
+            def backward(self, loss):
+                loss.backward()
+
+        loss, _, _ = t.train_step(sample, model, crit, Optimizer(), update_num=0)
+        handle.remove()
+        losses[bf16], dtypes[bf16] = loss.item(), seen["dtype"]
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in model.parameters())
+    assert dtypes == {False: torch.float32, True: torch.bfloat16}
+    assert losses[True] != losses[False] and math.isclose(losses[True], losses[False], rel_tol=2e-2)
