@@ -74,7 +74,7 @@ class _SmoothedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, eps):
-        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        lprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # bf16/fp16 logits: no fp32 copy
         nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         eps_i = eps / (lprobs.size(-1) - 1)
         loss = (1.0 - eps - eps_i) * nll + eps_i * -lprobs.sum(-1)
@@ -86,11 +86,13 @@ class _SmoothedNLL(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_nll):
         lprobs, target, weight = ctx.saved_tensors
         eps_i = ctx.eps / (lprobs.size(-1) - 1)
-        grad = lprobs.exp().mul_((weight * (grad_loss + grad_nll)).unsqueeze(-1))
+        # the gradient in the logits' own dtype (bf16 under --autocast-bf16: half the memory, no final cast)
+        grad = lprobs.exp() if ctx.dtype == torch.float32 else lprobs.to(ctx.dtype).exp_()
+        grad.mul_((weight * (grad_loss + grad_nll)).unsqueeze(-1))
         grad.sub_((weight * grad_loss * eps_i).unsqueeze(-1))
         gold = weight * (grad_loss * (1.0 - ctx.eps - eps_i) + grad_nll)
-        grad.scatter_add_(-1, target.unsqueeze(-1), -gold.unsqueeze(-1))
-        return grad.to(ctx.dtype), None, None, None
+        grad.scatter_add_(-1, target.unsqueeze(-1), -gold.unsqueeze(-1).to(grad.dtype))
+        return grad, None, None, None
 
 
 def smoothed_nll(logits, target, eps, weight=None):

@@ -11,9 +11,9 @@ for ``--updates`` updates, without validation or checkpoints. From fairseq's own
 updates over total time) and target tokens/s, and each against the AR's. Systems: ``ar``;
 ``elmer-lplm``, ``elmer-hard``, ``elmer-soft``, ``elmer-soft-glat``; a ``+bf16`` suffix adds
 ``--autocast-bf16`` (``+ad0``: ``--attention-dropout 0``, the AR's default) to an ELMER system.
-``--keep-freed-memory`` runs every system with glibc told to keep freed memory (large blocks are
-otherwise returned to the OS and faulted in again at every step; ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``).
+``--env NAME=VALUE`` runs every system with that environment variable (e.g. ``THP_MEM_ALLOC_ENABLE=1``:
+PyTorch's CPU allocator puts blocks of 2 MB and more on transparent huge pages, so vocabulary-sized
+tensors fault in 2 MB at a time instead of 4 KB).
 """
 
 import argparse
@@ -32,7 +32,6 @@ STRATEGIES = {"elmer-lplm": ["--early-exit", "lplm"], "elmer-hard": ["--early-ex
               "elmer-soft": ["--early-exit", "soft"], "elmer-soft-glat": ["--early-exit", "soft", "--glat"]}
 MODIFIERS = {"bf16": ["--autocast-bf16"], "ad0": ["--attention-dropout", "0"]}
 DEFAULT = "ar,elmer-lplm,elmer-hard,elmer-soft,elmer-soft-glat,elmer-soft-glat+bf16"
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 33)}
 
 
 def system_flags(name, canvas):
@@ -103,7 +102,7 @@ def measure(args, name, canvas):
            "--log-interval", str(args.interval), "--cpu",
            # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
            *([] if name != "ar" else ["--user-dir", os.path.join(REPO, "elmer_fairseq")])]
-    env = dict(os.environ, **(KEEP_FREED_MEMORY if args.keep_freed_memory else {}))
+    env = dict(os.environ, **dict(pair.split("=", 1) for pair in args.env))
     print(f"[train_speed] {name}: {args.updates} updates", flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -132,10 +131,13 @@ def main(argv=None):
     p.add_argument("--updates", type=int, default=120, help="updates each system trains")
     p.add_argument("--interval", type=int, default=20, help="fairseq --log-interval: the timing granularity")
     p.add_argument("--skip", type=int, default=20, help="updates not timed at the start (start-up)")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="run every system with glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every system's fairseq-train (repeatable)")
     p.add_argument("--json", help="write every figure and command here")
     args = p.parse_args(argv)
+    bad = [pair for pair in args.env if "=" not in pair or not pair.split("=", 1)[0]]
+    if bad:
+        p.error(f"--env {bad[0]!r}: expected NAME=VALUE")
     if args.skip >= args.updates:
         p.error(f"--skip {args.skip} must be below --updates {args.updates}")
     canvas = read_canvas(args.data)

@@ -244,3 +244,17 @@ def test_train_speed_end_to_end_on_the_sample(data_bin, tmp_path):
     assert all(r["updates_per_s"] > 0 and r["timed_updates"] == 4 for r in results)
     assert "--autocast-bf16" in results[1]["command"] and "--autocast-bf16" not in results[0]["command"]
     assert "| elmer-soft+bf16 |" in proc.stdout
+
+
+def test_bf16_loss_check_compares_the_same_batches_both_ways(trained, tmp_path):
+    """scripts/bf16_loss_check.py: both losses from the task's validation step on the same batches; the
+    bf16 one differs (autocast really ran) by little, and the task's option is restored afterwards."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import bf16_loss_check
+
+    _, dest, ckpt, _ = trained
+    out = tmp_path / "check.json"
+    result = bf16_loss_check.main(["--path", str(ckpt / "checkpoint_last.pt"), "--data", str(dest), "--json", str(out)])
+    assert json.loads(out.read_text())["batches"] == result["batches"] >= 1
+    assert result["diff_bits"] != 0 and abs(result["diff_bits"]) < 0.05 * result["fp32_bits"]
+    assert result["diff_bits"] == pytest.approx(result["bf16_bits"] - result["fp32_bits"])

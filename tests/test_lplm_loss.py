@@ -138,6 +138,15 @@ def test_fused_smoothed_nll_equals_fairseq_loss_and_gradient(eps):
     all_loss, _ = smoothed_nll(logits, target, eps)
     ref_all, _ = label_smoothed_nll_loss(torch.log_softmax(logits.reshape(-1, 23), -1), target.reshape(-1), eps, reduce=True)
     assert torch.allclose(all_loss, ref_all, rtol=1e-5)
+    # bf16 logits (--autocast-bf16): fp32 sums, the gradient in bf16 within its rounding
+    low = logits.detach().bfloat16().requires_grad_()
+    low_loss, _ = smoothed_nll(low, target, eps, weight)
+    (2.0 * low_loss).backward()
+    high = low.detach().float().requires_grad_()
+    ref_low, _ = label_smoothed_nll_loss(torch.log_softmax(high[weight], -1), target[weight], eps, reduce=True)
+    (2.0 * ref_low).backward()
+    assert low_loss.dtype == torch.float32 and torch.allclose(low_loss, ref_low, rtol=1e-5)
+    assert low.grad.dtype == torch.bfloat16 and torch.allclose(low.grad.float(), high.grad, atol=2e-2)
 
 
 def test_allowed_argmax_equals_ban_then_argmax():
