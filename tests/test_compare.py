@@ -109,7 +109,7 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
         for ext in ("bin", "idx"):
             shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
-    compare.mix(argparse.Namespace(work=str(work)))
+    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800))
     for side in ("src", "tgt"):
         merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
         first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
@@ -120,3 +120,45 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     assert (work / "bin-kdmix" / "dict.tgt.txt").read_text() == (dest / "dict.tgt.txt").read_text()
     assert (work / "bin-kdmix" / "valid.src-tgt.tgt.idx").read_bytes() == (dest / "valid.src-tgt.tgt.idx").read_bytes()
     assert not (work / "bin-kdmix" / "train1.src-tgt.src.idx").exists()
+
+
+def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tmp_path, monkeypatch):
+    """--teacher-updates N: the teacher is the baseline's last checkpoint trained on to N updates in
+    WORK/ar-tN (fairseq-train resumes from the copied checkpoint_last.pt), distills into WORK/bin-kd-tN,
+    and the students' folders carry the suffix; the baseline keeps WORK/ar. Fewer updates than
+    --max-update are refused."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    work = tmp_path / "work"
+    (work / "ar").mkdir(parents=True)
+    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
+    (work / "bin").mkdir()
+    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    calls = []
+
+    def run(cmd, out=None, env=None):  # record; distill.sh would create its OUT folder
+        calls.append((cmd, env))
+        if env and "OUT" in env:
+            os.makedirs(env["OUT"])
+
+    monkeypatch.setattr(compare, "run", run)
+    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                              max_tokens=4096, save_every=4, seed=1)
+    compare.train_teacher(args)
+    cmd, _ = calls[0]
+    assert (work / "ar-t20" / "checkpoint_last.pt").read_bytes() == b"baseline"
+    assert cmd[cmd.index("--save-dir") + 1] == str(work / "ar-t20") and cmd[cmd.index("--max-update") + 1] == "20"
+    assert "--user-dir" in cmd and "--arch" in cmd and cmd[cmd.index("--arch") + 1] == "transformer"
+    compare.distill(args)
+    _, env = calls[1]
+    assert env["TEACHER"] == str(work / "ar-t20" / "checkpoint_last.pt") and env["OUT"] == str(work / "bin-kd-t20")
+    assert compare.folder(args, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20")
+    assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
+    assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
+    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8)
+    assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--work", str(work), "--max-update", "8", "--teacher-updates", "4"])
