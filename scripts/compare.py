@@ -182,25 +182,35 @@ def spec(name):
     return SYSTEMS[name]
 
 
+def base_train_flags(size, max_tokens, max_update, lr=5e-4, warmup=1000, seed=1):
+    """What every system trains with, here and in scripts/train_speed.py: size, dropout, optimizer,
+    schedule, batch, updates, source truncation, no validation, CPU."""
+    return [*SIZES[size], "--dropout", "0.1",
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr),
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup), "--clip-norm", "1.0",
+            "--max-tokens", str(max_tokens), "--max-update", str(max_update),
+            "--max-source-positions", "512", "--truncate-source", "--disable-validation",
+            "--seed", str(seed), "--num-workers", "0", "--log-format", "simple", "--cpu"]
+
+
+def elmer_train_flags(canvas):
+    """ELMER's task, model and criterion with the data's canvas rule (canvas.json's keys)."""
+    return ELMER_TRAIN + ["--canvas-len-a", str(canvas["canvas_len_a"]), "--canvas-len-b", str(canvas["canvas_len_b"])]
+
+
 def train_flags(args, name, max_update=None):
     extra, _ = SYSTEMS[name]
-    max_update = max_update or args.max_update
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
         canvas = json.load(f)
-    common = [*SIZES[args.size], "--dropout", "0.1",
-              "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
-              "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(args.warmup), "--clip-norm", "1.0",
-              "--max-tokens", str(args.max_tokens), "--max-update", str(max_update),
-              "--max-source-positions", "512", "--truncate-source", "--disable-validation",
-              "--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
-              "--no-epoch-checkpoints", "--seed", str(args.seed), "--num-workers", "0",
-              "--log-format", "simple", "--log-interval", str(args.save_every), "--cpu"]
+    common = base_train_flags(args.size, args.max_tokens, max_update or args.max_update, args.lr, args.warmup,
+                              args.seed)
+    common += ["--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
+               "--no-epoch-checkpoints", "--log-interval", str(args.save_every)]
     if name == "ar":
         return AR_TRAIN + common
     if "--glat" in extra:
         extra = extra + ["--glat-anneal-updates", str(args.max_update)]
-    return ELMER_TRAIN + common + ["--canvas-len-a", str(canvas["canvas_len_a"]),
-                                   "--canvas-len-b", str(canvas["canvas_len_b"])] + extra
+    return elmer_train_flags(canvas) + common + extra
 
 
 def teacher_tag(args):
@@ -461,7 +471,7 @@ def main(argv=None):
         names.insert(0, "ar")  # the baseline, and the teacher of the kd systems
     trained_on = teacher_tag(args) and any("kd" in n for n in names)
     if trained_on:
-        names.insert(1, TEACHER)
+        names.insert(names.index("ar") + 1, TEACHER)
     os.makedirs(args.work, exist_ok=True)
 
     prepare(args)
@@ -470,7 +480,9 @@ def main(argv=None):
         train(args, "ar")
         if trained_on:
             train_teacher(args)
-        for name in names[2 if trained_on else 1:]:
+        for name in names:
+            if name in ("ar", TEACHER):
+                continue
             if "kd" in name:
                 distill(args)
             if "kdmix" in name:
@@ -478,17 +490,17 @@ def main(argv=None):
             train(args, name)
     ar_wall = max(walls(args, "ar").values(), default=None)
     for name in names:
-        tag = "" if args.at_update is None else f"at {args.at_update}"
         ckpt = os.path.join(folder(args, name), "checkpoint_last.pt")
+        if name == TEACHER:  # read at its last checkpoint, also with --at-update; not timed (the AR's model)
+            r = generate(args, name, "beam 4", ckpt)
+            r.update(system=f"ar, {args.teacher_updates} updates (teacher)", updates=args.teacher_updates)
+            rows.append(r)
+            continue
+        tag = "" if args.at_update is None else f"at {args.at_update}"
         if args.at_update is not None:
             ckpt = interval_checkpoint(args, name, args.at_update)
             if ckpt is None:
                 raise SystemExit(f"compare: {name} has no checkpoint at {args.at_update} updates")
-        if name == TEACHER:  # read at its last checkpoint; not timed (the same model as the AR's)
-            r = generate(args, name, "beam 4", os.path.join(folder(args, name), "checkpoint_last.pt"))
-            r.update(system=f"ar, {args.teacher_updates} updates (teacher)", updates=args.teacher_updates)
-            rows.append(r)
-            continue
         timing = bs1_ms(args, name, ckpt, tag.replace(" ", "-")) if args.bs1_sentences else {}
         _, decodes = SYSTEMS[name]
         for label in decodes:

@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import AR_TRAIN, ELMER_TRAIN, REPO, SIZES, tool  # noqa: E402  (the harness's training flags)
+from compare import AR_TRAIN, REPO, SIZES, base_train_flags, elmer_train_flags, tool  # noqa: E402
 
 STRATEGIES = {"elmer-lplm": ["--early-exit", "lplm"], "elmer-hard": ["--early-exit", "hard"],
               "elmer-soft": ["--early-exit", "soft"], "elmer-soft-glat": ["--early-exit", "soft", "--glat"]}
@@ -46,8 +46,7 @@ def system_flags(name, canvas):
     unknown = [m for m in mods if m not in MODIFIERS]
     if unknown:
         raise SystemExit(f"--systems: {name}: unknown modifier(s) {', '.join(unknown)}; choose from {', '.join(MODIFIERS)}")
-    flags = ELMER_TRAIN + ["--canvas-len-a", str(canvas["canvas_len_a"]), "--canvas-len-b", str(canvas["canvas_len_b"])]
-    return flags + STRATEGIES[base] + [f for m in mods for f in MODIFIERS[m]]
+    return elmer_train_flags(canvas) + STRATEGIES[base] + [f for m in mods for f in MODIFIERS[m]]
 
 
 def read_canvas(data):
@@ -79,13 +78,12 @@ def intervals(log_lines):
 def speed(rows, skip):
     """Updates/s and tokens/s over the intervals that start at or after ``skip`` updates: total updates
     (tokens) over total time, each interval's time being its updates over its ups."""
-    kept, updates, seconds, tokens, prev = [], 0, 0.0, 0.0, 0
+    updates, seconds, tokens, prev = 0, 0.0, 0.0, 0
     for num, ups, wpb in rows:
         n, prev_num = num - prev, prev
         prev = num
         if prev_num < skip or ups <= 0:
             continue
-        kept.append(num)
         updates, seconds, tokens = updates + n, seconds + n / ups, tokens + n * wpb
     if not updates:
         raise ValueError(f"no logged interval after the first {skip} updates: raise --updates or lower --skip")
@@ -94,12 +92,8 @@ def speed(rows, skip):
 
 
 def measure(args, name, canvas):
-    cmd = [tool("fairseq-train"), args.data, *system_flags(name, canvas), *SIZES[args.size], "--dropout", "0.1",
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "5e-4", "--lr-scheduler", "inverse_sqrt",
-           "--warmup-updates", "1000", "--clip-norm", "1.0", "--max-tokens", str(args.max_tokens),
-           "--max-update", str(args.updates), "--max-source-positions", "512", "--truncate-source",
-           "--disable-validation", "--no-save", "--seed", "1", "--num-workers", "0", "--log-format", "simple",
-           "--log-interval", str(args.interval), "--cpu",
+    cmd = [tool("fairseq-train"), args.data, *system_flags(name, canvas),
+           *base_train_flags(args.size, args.max_tokens, args.updates), "--no-save", "--log-interval", str(args.interval),
            # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
            *([] if name != "ar" else ["--user-dir", os.path.join(REPO, "elmer_fairseq")])]
     env = dict(os.environ, **dict(pair.split("=", 1) for pair in args.env))
