@@ -24,10 +24,11 @@ TEXT_LINE = re.compile(r"^([STHD])-(\d+)\t(.*)$")
 SUMMARY_LAYER = re.compile(r"\bL(\d+)=")
 
 
-def read_generate_log(lines):
+def read_generate_log(lines, nbest=False):
     """``{kind: {sentence id: text}}`` from fairseq-generate's S- (source), T- (reference), H- (hypothesis)
     and D- (detokenized hypothesis) lines. H-/D- lines are ``score<TAB>text``: the text is kept, and of
-    an id's n-best only the first line (the best)."""
+    an id's n-best only the first line (the best); with ``nbest`` an H-/D- entry is the list of all of
+    them, in the log's order (fairseq's: best first)."""
     found = {kind: {} for kind in "STHD"}
     for line in lines:
         m = TEXT_LINE.match(line.rstrip("\n"))
@@ -35,9 +36,12 @@ def read_generate_log(lines):
             continue
         kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
         if kind in "HD":
+            rest = rest.split("\t", 1)[1] if "\t" in rest else ""
+            if nbest:
+                found[kind].setdefault(idx, []).append(rest)
+                continue
             if idx in found[kind]:
                 continue
-            rest = rest.split("\t", 1)[1] if "\t" in rest else ""
         found[kind][idx] = rest
     return found
 

@@ -219,17 +219,23 @@ def teacher_tag(args):
     return "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"
 
 
+def kd_tag(args):
+    """The suffix of the distilled data's and the students' folders: the teacher's, and '-best-of-N' when
+    the targets are the candidates of the teacher's N-best nearest the references (--kd-nbest)."""
+    return teacher_tag(args) + (f"-best-of-{args.kd_nbest}" if args.kd_nbest > 1 else "")
+
+
 def folder(args, name):
     """WORK/<name>, with the teacher's suffix for the kd systems; TEACHER: the teacher trained on."""
     if name == TEACHER:
         return os.path.join(args.work, "ar" + teacher_tag(args))
-    return os.path.join(args.work, name + (teacher_tag(args) if "kd" in name else ""))
+    return os.path.join(args.work, name + (kd_tag(args) if "kd" in name else ""))
 
 
 def data_dir(args, name):
     if "kdmix" in name:
-        return os.path.join(args.work, "bin-kdmix" + teacher_tag(args))
-    return os.path.join(args.work, "bin-kd" + teacher_tag(args) if "kd" in name else "bin")
+        return os.path.join(args.work, "bin-kdmix" + kd_tag(args))
+    return os.path.join(args.work, "bin-kd" + kd_tag(args) if "kd" in name else "bin")
 
 
 def train(args, name):
@@ -279,7 +285,7 @@ def walls(args, name):
 
 
 def distill(args):
-    kd = os.path.join(args.work, "bin-kd" + teacher_tag(args))
+    kd = data_dir(args, "kd")
     if os.path.exists(os.path.join(kd, "done")):
         return
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
@@ -287,9 +293,10 @@ def distill(args):
     # the teacher writes at most what the student's canvas holds (longer targets would be truncated
     # in training): a looping teacher's beam search would otherwise run to 128 pieces
     env = dict(os.environ, TEACHER=os.path.join(args.work, "ar" + teacher_tag(args), "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
+               NBEST=str(args.kd_nbest),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
-        out=os.path.join(args.work, f"distill{teacher_tag(args)}.log"))
+        out=os.path.join(args.work, f"distill{kd_tag(args)}.log"))
     open(os.path.join(kd, "done"), "w").close()
 
 
@@ -458,7 +465,13 @@ def main(argv=None):
     p.add_argument("--teacher-updates", type=int, metavar="N",
                    help="the kd systems' teacher: the AR trained on from --max-update to N updates (default: the "
                    "AR baseline itself, N = --max-update); students still train --max-update updates")
+    p.add_argument("--kd-nbest", type=int, default=1, metavar="N",
+                   help="the kd systems' targets: of the teacher's N best beam outputs, the one nearest the training "
+                   "reference (scripts/distill.sh NBEST=N; data WORK/bin-kd...-best-of-N, students WORK/<system>...-best-of-N); "
+                   "1: the teacher's best")
     args = p.parse_args(argv)
+    if args.kd_nbest < 1:
+        p.error(f"--kd-nbest {args.kd_nbest}: expected 1 or more")
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
     args.teacher_updates = args.teacher_updates or args.max_update
     if args.teacher_updates < args.max_update:

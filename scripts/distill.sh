@@ -9,6 +9,10 @@
 #   OUT        the distilled data-bin (default DATA_BIN-distill): train = (source, teacher output);
 #              valid/test are DATA_BIN's, linked unchanged, so validation scores the real references
 #   BEAM (4), MAX_TOKENS (20000, per generation batch), CPU (1 on a machine without CUDA)
+#   NBEST      1 (default): the target is the teacher's best beam output; N > 1: the teacher writes its N best
+#              and the target is the one nearest the training reference (LCS F1 over pieces, ties to the
+#              teacher's order; `elmer_fairseq/distill.py --select-by-reference`), which keeps the teacher's
+#              style but moves the targets toward the references' content and length
 #   MAX_LEN_B  the teacher's longest output in pieces: default the canvas length CANVAS_B of DATA_BIN/canvas.env
 #              (written by the recipes' prepare stage; the student cannot write more, and a looping teacher
 #              would otherwise run to the limit), else 128
@@ -66,7 +70,7 @@ else
     if [ "$JOBS" -gt 1 ]; then threads=(env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1); fi
     # fairseq-generate shards the batches by --distributed-world-size/--distributed-rank
     "${threads[@]}" fairseq-generate "$DATA" --user-dir elmer_fairseq --path "$TEACHER" --gen-subset train \
-      --beam "${BEAM:-4}" --nbest 1 --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
+      --beam "${BEAM:-4}" --nbest "${NBEST:-1}" --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
       "${POS[@]}" --distributed-world-size "$JOBS" --distributed-rank "$i" "${DEVICE[@]}" \
       > "$TEXT/generate-train.$i.txt" 2> "$TEXT/generate-train.$i.err" &
     pids+=($!)
@@ -80,6 +84,7 @@ n_train=$(python -c "import sys; from fairseq.data import data_utils; print(len(
 collapse=()
 if [ "${COLLAPSE:-1}" = 1 ]; then collapse=(--collapse-repeats); fi
 if [ -n "${MAX_REPEAT_RATE:-}" ]; then collapse+=(--max-repeat-rate "$MAX_REPEAT_RATE"); fi
+if [ "${NBEST:-1}" -gt 1 ]; then collapse+=(--select-by-reference); fi
 python -m elmer_fairseq.distill "$TEXT/generate-train.txt" "$TEXT/train" --expect "$n_train" "${collapse[@]}"
 echo "== decoding took $(( $(date +%s) - start )) s"
 

@@ -50,6 +50,55 @@ def test_distill_keeps_the_reference_where_the_teacher_loops(tmp_path, capsys):
     assert "2 references kept where the teacher looped or wrote nothing" in said and "1 consecutive repeated pieces dropped" in said
 
 
+def _lcs_by_enumeration(a, b):
+    """The longest common subsequence by trying every subsequence of ``a`` (an oracle for tiny inputs)."""
+    best = 0
+    for mask in range(1 << len(a)):
+        sub = [x for i, x in enumerate(a) if mask >> i & 1]
+        it = iter(b)
+        if all(x in it for x in sub):  # ``sub`` is a subsequence of ``b``
+            best = max(best, len(sub))
+    return best
+
+
+def test_lcs_f1_against_enumerated_subsequences():
+    import random
+
+    from elmer_fairseq.distill import lcs_f1
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        b = [rng.choice("abc") for _ in range(rng.randint(0, 7))]
+        expected = 2 * _lcs_by_enumeration(a, b) / (len(a) + len(b)) if a and b else 0.0
+        assert lcs_f1(a, b) == pytest.approx(expected), (a, b)
+
+
+def test_distill_selects_the_teachers_candidate_nearest_the_reference(tmp_path, capsys):
+    from elmer_fairseq import distill
+
+    log = tmp_path / "gen.txt"
+    log.write_text("\n".join([
+        "S-0\tsrc zero", "T-0\tpython library for maps",
+        "H-0\t-0.1\tlibrary for maps", "H-0\t-0.2\tpython library for maps", "H-0\t-0.3\tpython",
+        "S-1\tsrc one", "T-1\tgold one",                                          # no candidate overlaps: the first
+        "H-1\t-0.1\tfirst out", "H-1\t-0.2\tsecond out",
+        "S-2\tsrc two", "T-2\ta b",                                               # a tie (F1 2/3 each): the first
+        "H-2\t-0.1\ta", "H-2\t-0.2\tb",
+    ]) + "\n", encoding="utf-8")
+    distill.main([str(log), str(tmp_path / "out"), "--expect", "3", "--select-by-reference"])
+    assert (tmp_path / "out.tgt").read_text().splitlines() == ["python library for maps", "first out", "a"]
+    said = capsys.readouterr().out
+    assert "1 targets are not the teacher's first hypothesis (nearest the reference among up to 3)" in said
+    assert "pieces per target 2.00 first, 2.33 chosen, references 2.67" in said
+    # without the flag the first (best) hypothesis of each id is the target, as before
+    distill.main([str(log), str(tmp_path / "plain"), "--expect", "3"])
+    assert (tmp_path / "plain.tgt").read_text().splitlines() == ["library for maps", "first out", "a"]
+    (tmp_path / "noref.txt").write_text("S-0\ts\nH-0\t-0.1\th\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="needs the references"):
+        distill.main([str(tmp_path / "noref.txt"), str(tmp_path / "x"), "--select-by-reference"])
+
+
 def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), os.path.join(REPO, "data-bin", "sample-raw"),
@@ -109,7 +158,7 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
         for ext in ("bin", "idx"):
             shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
-    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800))
+    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1))
     for side in ("src", "tgt"):
         merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
         first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
@@ -146,7 +195,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              max_tokens=4096, save_every=4, seed=1)
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1)
     compare.train_teacher(args)
     cmd, _ = calls[0]
     assert (work / "ar-t20" / "checkpoint_last.pt").read_bytes() == b"baseline"
@@ -155,10 +204,21 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     compare.distill(args)
     _, env = calls[1]
     assert env["TEACHER"] == str(work / "ar-t20" / "checkpoint_last.pt") and env["OUT"] == str(work / "bin-kd-t20")
+    assert env["NBEST"] == "1"
     assert compare.folder(args, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20")
     assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
     assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
-    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8)
+    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1)
     assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
+    # --kd-nbest 4: the same teacher writes its 4 best, the targets and students get their own folders
+    best = argparse.Namespace(**{**vars(args), "kd_nbest": 4})
+    compare.distill(best)
+    _, env = calls[2]
+    assert env["NBEST"] == "4" and env["OUT"] == str(work / "bin-kd-t20-best-of-4")
+    assert env["TEACHER"] == str(work / "ar-t20" / "checkpoint_last.pt")
+    assert compare.folder(best, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20-best-of-4")
+    assert compare.folder(best, compare.TEACHER) == str(work / "ar-t20")
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--work", str(work), "--max-update", "8", "--teacher-updates", "4"])
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--work", str(work), "--kd-nbest", "0"])
