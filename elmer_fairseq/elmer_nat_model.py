@@ -32,8 +32,9 @@ from fairseq.utils import safe_getattr
 from omegaconf import II, DictConfig, OmegaConf, open_dict
 
 from .canvas import LONG_TARGET_CHOICES, MASK_SYMBOL, POST_EOS_CHOICES, canvas_lengths, make_canvas
-from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit
+from .exit_policies import AssignedExit, ExitPolicy, LastLayerExit, allowed_argmax
 from .exit_strategies import EARLY_EXIT_HELP, STRATEGIES, strategy_of
+from .screened_argmax import LowPrecisionWeight, ScreenStats, screened_argmax
 from .option_checks import add_checked_args, add_refused_args, at_least, check_fields, within
 
 logger = logging.getLogger(__name__)
@@ -371,6 +372,8 @@ class ElmerDecoder(FairseqDecoder):
             nn.init.normal_(ramp.weight, mean=0, std=embed_dim**-0.5)
         # the (last) off-ramp is the embedding matrix, as in BART and the released ELMER
         self.off_ramps[-1].weight = self.embed_tokens.weight
+        self._low_precision_ramps = {}  # off-ramp index -> LowPrecisionWeight, for off_ramp_argmax
+        self.screen_stats = ScreenStats()
         self.soft_mixers = None
         if strategy_of(cfg).soft_mix and cfg.decoder_layers > 1:
             num_mix = cfg.decoder_layers - 1 if cfg.per_layer_soft_mix else 1
@@ -381,6 +384,9 @@ class ElmerDecoder(FairseqDecoder):
     # hard exit at inference runs the layers on the running tokens only (``_layer_on_running``); False:
     # every token through every layer, masked (what training does; scripts/benchmark.py times both)
     skip_exited = True
+    # soft exit's inner argmax on CPU in fp32: screened on a bf16 copy of the off-ramp, the same tokens
+    # (``off_ramp_argmax``); False: the full fp32 projection (scripts/benchmark.py times both)
+    screen_argmax = True
 
     def max_positions(self):
         return self.max_target_positions
@@ -392,12 +398,28 @@ class ElmerDecoder(FairseqDecoder):
             x = self.layernorm_embedding(x)
         return self.dropout_module(x).transpose(0, 1)
 
+    def _ramp_index(self, layer: int):
+        return layer - 1 if len(self.off_ramps) > 1 else 0
+
     def off_ramp(self, states, layer: int):
         """Eq. 8 logits W_c^l h^l for states from layer ``layer`` (1-based), any leading shape."""
         if self.ramp_norm is not None:
             states = self.ramp_norm(states)
-        ramp = self.off_ramps[layer - 1] if len(self.off_ramps) > 1 else self.off_ramps[0]
-        return ramp(states)
+        return self.off_ramps[self._ramp_index(layer)](states)
+
+    def off_ramp_argmax(self, states, layer: int, banned=()):
+        """``argmax`` of ``off_ramp(states, layer)`` outside ``banned``, ties to the lower id (no gradient
+        flows through it). On CPU, in fp32 (with ``screen_argmax``): screened on a bf16 copy of the
+        off-ramp (``screened_argmax``: the same token, half the bytes read); else the full projection."""
+        ramp = self.off_ramps[self._ramp_index(layer)]
+        if (self.screen_argmax and states.device.type == "cpu"
+                and states.dtype == torch.float32 and ramp.weight.dtype == torch.float32):
+            if self.ramp_norm is not None:
+                states = self.ramp_norm(states)
+            copy = self._low_precision_ramps.setdefault(self._ramp_index(layer), LowPrecisionWeight())
+            low, max_row_norm = copy.get(ramp.weight)
+            return screened_argmax(states, ramp.weight, low, max_row_norm, banned, stats=self.screen_stats)
+        return allowed_argmax(self.off_ramp(states, layer), banned)
 
     def off_ramp_log_probs(self, states, layer: int):
         return F.log_softmax(self.off_ramp(states, layer).float(), dim=-1)
@@ -446,9 +468,11 @@ class ElmerDecoder(FairseqDecoder):
         enc_pad = encoder_out["encoder_padding_mask"][0] if encoder_out["encoder_padding_mask"] else None
         self_pad = pad if pad.any() else None
 
-        if policy.plain_last_layer and not return_all_hiddens:
-            states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers)
-            return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None, "predictions": {}}
+        if not return_all_hiddens and (policy.plain_last_layer or policy.last_layer_only and not torch.is_grad_enabled()):
+            out = {}
+            states, exit_layers = self._last_layer_pass(x, enc, enc_pad, self_pad, pad, num_layers, policy, out)
+            return states, {"exit_layers": exit_layers, "inner_states": None, "layer_outputs": None,
+                            "predictions": batch_first(out)}
         # hard exit at inference: each layer runs on the running tokens only (``_layer_on_running``)
         skip = policy.skips_exited and self.skip_exited and not return_all_hiddens and not torch.is_grad_enabled()
 
@@ -487,7 +511,7 @@ class ElmerDecoder(FairseqDecoder):
                 if policy.may_stop_early and not skip and bool(done.all()):
                     break
                 x = policy.transform(layer, x, self, out)
-        predictions = {key: value if key == "layer_logits" else value.t() for key, value in out.items()}
+        predictions = batch_first(out)
         extra = {"exit_layers": exit_layer.t(), "inner_states": inner_states, "layer_outputs": layer_outputs,
                  "predictions": predictions}
         return exit_state.transpose(0, 1), extra
@@ -514,13 +538,23 @@ class ElmerDecoder(FairseqDecoder):
             out[key] = spread if key not in out else torch.where(now, spread, out[key])
         return y, now
 
-    def _last_layer_pass(self, x, enc, enc_pad, self_pad, pad, num_layers):
-        """Every token at the last layer: the layers alone, without the exit bookkeeping.
-        Equal to the general loop at every non-padding position (padding is zeroed, as there)."""
-        for layer in self.layers:
+    def _last_layer_pass(self, x, enc, enc_pad, self_pad, pad, num_layers, policy, out):
+        """Every token at the last layer: the layers and the policy's ``transform`` between them (soft
+        exit's Eq. 12), without the exit bookkeeping. Equal to the general loop at every non-padding
+        position (the general loop zeroes padding states between layers, which attention masks out;
+        the returned padding states are zeroed, as there)."""
+        for idx, layer in enumerate(self.layers):
             x, _, _ = layer(x, enc, enc_pad, self_attn_padding_mask=self_pad, need_attn=False)
+            if idx + 1 < num_layers and not policy.plain_last_layer:
+                x = policy.transform(idx + 1, x, self, out)
         states = x.transpose(0, 1).masked_fill(pad[..., None], 0.0)
         return states, LastLayerExit.exit_layers(pad, num_layers)
+
+
+def batch_first(out):
+    """A policy's predictions, (T, B) as the layer loop made them, as (B, T); soft exit's
+    ``layer_logits`` stay (T, B, V), as computed."""
+    return {key: value if key == "layer_logits" else value.t() for key, value in out.items()}
 
 
 def run_layer_for_queries(layer, xq, x, enc, enc_pad, self_pad):

@@ -60,6 +60,8 @@ class ExitPolicy:
     - ``may_stop_early``: tokens may all exit before the last layer (the decoder checks "all exited?");
     - ``plain_last_layer``: every token exits at the last layer and no state is rewritten, so the decoder
       may run its layers without the exit bookkeeping (and the generator may compile that pass);
+    - ``last_layer_only``: every token exits at the last layer, its states possibly rewritten between
+      layers (``transform``), so without gradient the decoder may skip the exit bookkeeping too;
     - ``predicts``: the pass leaves each token's prediction at its exit layer in ``out`` (``tokens``,
       ``scores``, ``eos_scores``), so the caller need not project the exit states again;
     - ``skips_exited``: nothing is asked of a token once it exited, so without gradient the decoder
@@ -69,6 +71,7 @@ class ExitPolicy:
 
     may_stop_early = False
     plain_last_layer = False
+    last_layer_only = False
     predicts = False
     skips_exited = False
 
@@ -104,6 +107,7 @@ class ExitPolicy:
 
 class LastLayerExit(ExitPolicy):
     plain_last_layer = True
+    last_layer_only = True
 
     def exit_now(self, layer, states, decoder):
         return torch.zeros(states.shape[:2], dtype=torch.bool, device=states.device)
@@ -197,11 +201,14 @@ class SoftExit(LastLayerExit):
         self.banned = list(banned)
 
     def transform(self, layer, states, decoder, out):
-        logits = decoder.off_ramp(states, layer)
         if self.keep_logits:
+            logits = decoder.off_ramp(states, layer)
             out.setdefault("layer_logits", []).append(logits)
         with torch.no_grad():
-            tokens = allowed_argmax(logits, self.banned)
+            # without the logits (generation, GLAT's glancing pass): the argmax alone, which the decoder
+            # may screen on a low-precision copy of the off-ramp (``off_ramp_argmax``)
+            tokens = allowed_argmax(logits, self.banned) if self.keep_logits else decoder.off_ramp_argmax(
+                states, layer, self.banned)
             if self.gold is not None and self.gold_prob > 0:
                 use_gold = torch.rand(tokens.shape, device=tokens.device) < self.gold_prob
                 if self.gold_mask is not None:  # only where a reference token exists

@@ -131,20 +131,26 @@ class Floor:
         return model.decoder.off_ramp(states, model.num_exit_layers).argmax(-1)
 
 
-class MaskedLoop:
-    """A generator run with the decoder's masked layer loop (every token through every layer), to time
-    against hard exit that skips exited tokens' work (the default at inference)."""
+class DecoderSetting:
+    """A generator run with decoder attributes set for the call: ``skip_exited=False``, the masked layer
+    loop (every token through every layer) to time against hard exit that skips exited tokens' work;
+    ``screen_argmax=False``, soft exit's inner argmax from the full fp32 projection to time against the
+    screened one (the defaults at inference)."""
 
-    def __init__(self, gen):
+    def __init__(self, gen, **settings):
         self.gen = gen
+        self.settings = settings
 
     def generate(self, models, sample, **kwargs):
         decoder = models[0].decoder
-        decoder.skip_exited = False
+        saved = {key: getattr(decoder, key) for key in self.settings}
+        for key, value in self.settings.items():
+            setattr(decoder, key, value)
         try:
             return self.gen.generate(models, sample, **kwargs)
         finally:
-            decoder.skip_exited = True
+            for key, value in saved.items():
+                setattr(decoder, key, value)
 
 
 def systems(args, device, dtype):
@@ -179,12 +185,15 @@ def systems(args, device, dtype):
         for delta in args.thresholds:
             out.append((f"ELMER hard δ={delta:g}", model, task, EarlyExitGenerator(tgt, exit_threshold=delta), False))
             if args.masked_too:
-                gen = MaskedLoop(EarlyExitGenerator(tgt, exit_threshold=delta))
+                gen = DecoderSetting(EarlyExitGenerator(tgt, exit_threshold=delta), skip_exited=False)
                 out.append((f"ELMER hard δ={delta:g}, masked loop", model, task, gen, False))
     if args.elmer_soft:
         model, task = elmer(args.elmer_soft)
         out.append(("ELMER soft floor (bare forward)", model, task, Floor(soft=model.cfg.early_exit == "soft"), True))
         out.append(("ELMER soft", model, task, EarlyExitGenerator(task.target_dictionary), False))
+        if model.cfg.early_exit == "soft":
+            gen = DecoderSetting(EarlyExitGenerator(task.target_dictionary), screen_argmax=False)
+            out.append(("ELMER soft, full fp32 inner argmax", model, task, gen, False))
     for kind in ("nat", "ar"):
         path = getattr(args, kind)
         if not path and not args.size:

@@ -71,19 +71,24 @@ class PartTimer:
             self.handles.append(module.register_forward_hook(self._post(label)))
         self.started = {}
         # fairseq's SequenceGenerator runs the AR encoder through forward_torchscript, which calls
-        # forward_scriptable directly (no module hooks): time that method on this instance
-        encoder = model.encoder
-        if hasattr(encoder, "forward_torchscript"):
-            plain, pre, post = encoder.forward_torchscript, self._pre("encoder"), self._post("encoder")
+        # forward_scriptable directly (no module hooks); soft exit's screened inner argmax reads the
+        # off-ramp's bf16 copy without calling the module: time those methods on their instances
+        if hasattr(model.encoder, "forward_torchscript"):
+            self._time_method(model.encoder, "forward_torchscript", "encoder")
+        if hasattr(model.decoder, "off_ramp_argmax"):
+            self._time_method(model.decoder, "off_ramp_argmax", "off-ramps / output projection")
 
-            def timed(*a, **kw):
-                pre(encoder, a)
-                out = plain(*a, **kw)
-                post(encoder, a, out)
-                return out
+    def _time_method(self, obj, name, label):
+        plain, pre, post = getattr(obj, name), self._pre(label), self._post(label)
 
-            encoder.forward_torchscript = timed
-            self.handles.append(_Restore(encoder, "forward_torchscript"))
+        def timed(*a, **kw):
+            pre(obj, a)
+            out = plain(*a, **kw)
+            post(obj, a, out)
+            return out
+
+        setattr(obj, name, timed)
+        self.handles.append(_Restore(obj, name))
 
     def _pre(self, label):
         def hook(module, args):

@@ -137,6 +137,7 @@ def test_soft_next_layer_receives_w_of_embedding_and_state(task, monkeypatch):
         return logits
 
     monkeypatch.setattr(dec, "off_ramp", rigged)
+    dec.screen_argmax = False  # the argmax from the rigged off-ramp (the screen reads the weights)
     seen = {}
     dec.layers[0].register_forward_hook(lambda m, i, o: seen.__setitem__("out1", o[0].detach().clone()))
     dec.layers[1].register_forward_pre_hook(lambda m, i: seen.__setitem__("in2", i[0].detach().clone()))
@@ -148,6 +149,26 @@ def test_soft_next_layer_receives_w_of_embedding_and_state(task, monkeypatch):
     expected = torch.cat([emb, h], -1) @ dec.soft_mixers[0].weight.t()
     real = canvas.ne(dec.padding_idx).t()  # padding positions carry no state
     torch.testing.assert_close(seen["in2"][real], expected[real], rtol=0, atol=1e-6)
+
+
+def test_soft_pass_without_bookkeeping_equals_the_general_loop(task):
+    """Without gradient a soft-exit pass runs the layers and the Eq. 12 mixing alone (``_last_layer_pass``);
+    the general loop (taken with ``return_all_hiddens``) must give the same states at every non-padding
+    position, the same exit layers, and the same kept inner logits there."""
+    model = make_model(task, early_exit="soft", decoder_layers=3)
+    src, src_len = encode(task, SOURCES)  # three lengths: the canvas has padding
+    canvas = model.initialize_canvas(src_len)
+    real = canvas.ne(model.decoder.padding_idx)
+    assert not real.all()
+    with torch.no_grad():
+        fast, fast_extra = model(src, src_len, canvas, policy=SoftExit(keep_logits=True))
+        loop, loop_extra = model(src, src_len, canvas, policy=SoftExit(keep_logits=True), return_all_hiddens=True)
+    assert fast_extra["inner_states"] is None and loop_extra["inner_states"] is not None  # two paths taken
+    torch.testing.assert_close(fast[real], loop[real], rtol=0, atol=0)
+    assert torch.equal(fast_extra["exit_layers"], loop_extra["exit_layers"])
+    assert len(fast_extra["predictions"]["layer_logits"]) == 2
+    for a, b in zip(fast_extra["predictions"]["layer_logits"], loop_extra["predictions"]["layer_logits"]):
+        torch.testing.assert_close(a[real.t()], b[real.t()], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("prob", [0.0, 1.0])
