@@ -25,6 +25,8 @@ within fp32 rounding of each other (~1e-6 relative).
 import torch
 import torch.nn.functional as F
 
+from .exit_policies import ban_tokens
+
 ROUNDING = 2.0**-7 + 2.0**-8 + 2.0**-12
 MAX_DIM = 4096  # the accumulation term of ROUNDING (C 2^-24 <= 2^-12) holds up to this width
 
@@ -57,12 +59,10 @@ class LowPrecisionWeight:
 
 
 def full_argmax(x, weight, banned):
-    """The reference: ``argmax`` of ``F.linear(x, weight)`` with ``banned`` ids excluded, ties to the
-    lower id."""
-    logits = F.linear(x, weight)
-    if banned:
-        logits[..., list(banned)] = float("-inf")
-    return logits.argmax(-1)
+    """The reference and the fallback: ``argmax`` of ``F.linear(x, weight)`` with the ``banned`` ids
+    excluded, ties to the lowest id (``allowed_argmax``, the unscreened path, agrees except where more
+    than ``len(banned) + 1`` logits tie exactly at the top)."""
+    return ban_tokens(F.linear(x, weight), list(banned)).argmax(-1)
 
 
 def screened_argmax(x, weight, low, max_row_norm, banned=(), k=16, stats=None):

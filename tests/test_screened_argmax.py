@@ -16,7 +16,7 @@ def screen(x, weight, banned=(), k=16, stats=None):
     return screened_argmax(x, weight, low, norm, banned, k=k, stats=stats)
 
 
-def test_full_argmax_is_ban_then_argmax_by_hand():
+def test_full_argmax_by_hand():
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     x = torch.tensor([[2.0, 1.0], [0.0, 3.0]])  # logits [2, 1, 3, 3] and [0, 3, 3, 3]
     assert full_argmax(x, weight, ()).tolist() == [2, 1]  # ties go to the lower id
