@@ -83,6 +83,9 @@ SYSTEMS = {
     "elmer-soft-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
     "elmer-soft-kd": (["--early-exit", "soft"], ELMER_DECODES),
     "elmer-soft-kd-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
+    # the same student without dropout (the flag after the common --dropout 0.1 wins): is the
+    # 1,800-update student limited by how fast it fits?
+    "elmer-soft-kd-glat-d0": (["--early-exit", "soft", "--glat", "--dropout", "0"], ELMER_DECODES),
     "elmer-soft-kdmix-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
     "elmer-hard-kd-glat": (["--early-exit", "hard", "--glat"], ELMER_DECODES),
     "elmer-lplm-kd-glat": (["--early-exit", "lplm", "--glat"], ELMER_DECODES),
