@@ -105,3 +105,34 @@ def test_soft_exit_generation_is_the_same_with_the_screen_on_and_off():
     hypos = gen.generate([model], sample)
     assert [h[0]["tokens"].tolist() for h in hypos] == [
         plain[0][i, : plain[3][i]].tolist() for i in range(3)]
+
+
+def test_benchmark_decoder_setting_applies_for_the_call_and_restores():
+    """scripts/benchmark.py's DecoderSetting: the decoder attributes hold during the wrapped generation
+    (the 'full fp32 inner argmax' and 'masked loop' rows) and are put back after it, also after an error."""
+    import os
+    import sys
+    import types
+
+    from helpers import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from benchmark import DecoderSetting
+
+    decoder = types.SimpleNamespace(screen_argmax=True, skip_exited=True)
+    model = types.SimpleNamespace(decoder=decoder)
+    seen = []
+
+    class Gen:
+        def generate(self, models, sample, **kw):
+            seen.append((decoder.screen_argmax, decoder.skip_exited))
+            if sample == "fail":
+                raise RuntimeError("boom")
+            return "out"
+
+    wrapped = DecoderSetting(Gen(), screen_argmax=False)
+    assert wrapped.generate([model], "ok") == "out"
+    with pytest.raises(RuntimeError):
+        wrapped.generate([model], "fail")
+    assert seen == [(False, True), (False, True)]
+    assert decoder.screen_argmax is True and decoder.skip_exited is True
