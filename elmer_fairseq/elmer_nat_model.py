@@ -411,12 +411,13 @@ class ElmerDecoder(FairseqDecoder):
         """``argmax`` of ``off_ramp(states, layer)`` outside ``banned``, ties to the lower id (no gradient
         flows through it). On CPU, in fp32 (with ``screen_argmax``): screened on a bf16 copy of the
         off-ramp (``screened_argmax``: the same token, half the bytes read); else the full projection."""
-        ramp = self.off_ramps[self._ramp_index(layer)]
+        index = self._ramp_index(layer)
+        ramp = self.off_ramps[index]
         if (self.screen_argmax and states.device.type == "cpu"
                 and states.dtype == torch.float32 and ramp.weight.dtype == torch.float32):
             if self.ramp_norm is not None:
                 states = self.ramp_norm(states)
-            copy = self._low_precision_ramps.setdefault(self._ramp_index(layer), LowPrecisionWeight())
+            copy = self._low_precision_ramps.setdefault(index, LowPrecisionWeight())
             low, max_row_norm = copy.get(ramp.weight)
             return screened_argmax(states, ramp.weight, low, max_row_norm, banned, stats=self.screen_stats)
         return allowed_argmax(self.off_ramp(states, layer), banned)

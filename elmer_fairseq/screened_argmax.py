@@ -32,7 +32,7 @@ MAX_DIM = 4096  # the accumulation term of ROUNDING (C 2^-24 <= 2^-12) holds up 
 
 
 class ScreenStats:
-    """Positions screened and calls that fell back to the full projection (for benchmarks and tests)."""
+    """Calls screened and calls that fell back to the full projection (for benchmarks and tests)."""
 
     def __init__(self):
         self.calls = 0
