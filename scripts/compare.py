@@ -224,8 +224,10 @@ def teacher_tag(args):
 
 def kd_tag(args):
     """The suffix of the distilled data's and the students' folders: the teacher's, and '-best-of-N' when
-    the targets are the candidates of the teacher's N-best nearest the references (--kd-nbest)."""
-    return teacher_tag(args) + (f"-best-of-{args.kd_nbest}" if args.kd_nbest > 1 else "")
+    the targets are the candidates of the teacher's N-best nearest the references (--kd-nbest), and
+    '-lenpen-L' when the teacher's beam search ran with length penalty L (--kd-lenpen)."""
+    return (teacher_tag(args) + (f"-best-of-{args.kd_nbest}" if args.kd_nbest > 1 else "")
+            + (f"-lenpen-{args.kd_lenpen:g}" if args.kd_lenpen != 1 else ""))
 
 
 def folder(args, name):
@@ -296,7 +298,7 @@ def distill(args):
     # the teacher writes at most what the student's canvas holds (longer targets would be truncated
     # in training): a looping teacher's beam search would otherwise run to 128 pieces
     env = dict(os.environ, TEACHER=os.path.join(args.work, "ar" + teacher_tag(args), "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
-               NBEST=str(args.kd_nbest),
+               NBEST=str(args.kd_nbest), LENPEN=f"{args.kd_lenpen:g}",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
         out=os.path.join(args.work, f"distill{kd_tag(args)}.log"))
@@ -472,9 +474,14 @@ def main(argv=None):
                    help="the kd systems' targets: of the teacher's N best beam outputs, the one nearest the training "
                    "reference (scripts/distill.sh NBEST=N; data WORK/bin-kd...-best-of-N, students WORK/<system>...-best-of-N); "
                    "1: the teacher's best")
+    p.add_argument("--kd-lenpen", type=float, default=1.0, metavar="L",
+                   help="the teacher's beam-search length penalty for the kd systems' targets (fairseq-generate "
+                   "--lenpen; above 1 favours longer outputs; scripts/distill.sh LENPEN=L; folders ...-lenpen-L)")
     args = p.parse_args(argv)
     if args.kd_nbest < 1:
         p.error(f"--kd-nbest {args.kd_nbest}: expected 1 or more")
+    if args.kd_lenpen <= 0:
+        p.error(f"--kd-lenpen {args.kd_lenpen}: expected a positive length penalty")
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
     args.teacher_updates = args.teacher_updates or args.max_update
     if args.teacher_updates < args.max_update:

@@ -8,11 +8,15 @@
 #              (TEACHER_DIR, default DATA_BIN-teacher; TEACHER_FLAGS replace the training flags below)
 #   OUT        the distilled data-bin (default DATA_BIN-distill): train = (source, teacher output);
 #              valid/test are DATA_BIN's, linked unchanged, so validation scores the real references
-#   BEAM (4), MAX_TOKENS (20000, per generation batch), CPU (1 on a machine without CUDA)
+#   BEAM (4, or NBEST if larger: the beam returns at most BEAM outputs), MAX_TOKENS (20000, per generation
+#              batch), CPU (1 on a machine without CUDA)
 #   NBEST      1 (default): the target is the teacher's best beam output; N > 1: the teacher writes its N best
 #              and the target is the one nearest the training reference (LCS F1 over pieces, ties to the
 #              teacher's order; `elmer_fairseq/distill.py --select-by-reference`), which keeps the teacher's
 #              style but moves the targets toward the references' content and length
+#   LENPEN     the teacher's beam-search length penalty (fairseq-generate --lenpen, default 1: the mean
+#              log-probability per piece); above 1 favours longer outputs, for a student whose outputs are
+#              shorter than the references because its targets are
 #   MAX_LEN_B  the teacher's longest output in pieces: default the canvas length CANVAS_B of DATA_BIN/canvas.env
 #              (written by the recipes' prepare stage; the student cannot write more, and a looping teacher
 #              would otherwise run to the limit), else 128
@@ -59,18 +63,20 @@ mkdir -p "$OUT"
 TEXT=$OUT/text
 mkdir -p "$TEXT"
 start=$(date +%s)
+BEAM=${BEAM:-$(( ${NBEST:-1} > 4 ? ${NBEST:-1} : 4 ))}
+[ "${NBEST:-1}" -le "$BEAM" ] || { echo "distill.sh: NBEST=$NBEST exceeds BEAM=$BEAM (the beam returns at most BEAM outputs)" >&2; exit 1; }
 if [ -s "$TEXT/generate-train.txt" ]; then
   echo "== reusing $TEXT/generate-train.txt (delete it to decode again)"
 else
   JOBS=${JOBS:-$([ ${#DEVICE[@]} -gt 0 ] && nproc || echo 1)}
-  echo "== beam ${BEAM:-4} decoding of $DATA's training split with $TEACHER ($JOBS process(es))"
+  echo "== beam $BEAM (length penalty ${LENPEN:-1}) decoding of $DATA's training split with $TEACHER ($JOBS process(es))"
   pids=()
   for ((i = 0; i < JOBS; i++)); do
     threads=()
     if [ "$JOBS" -gt 1 ]; then threads=(env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1); fi
     # fairseq-generate shards the batches by --distributed-world-size/--distributed-rank
     "${threads[@]}" fairseq-generate "$DATA" --user-dir elmer_fairseq --path "$TEACHER" --gen-subset train \
-      --beam "${BEAM:-4}" --nbest "${NBEST:-1}" --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
+      --beam "$BEAM" --nbest "${NBEST:-1}" --lenpen "${LENPEN:-1}" --max-tokens "${MAX_TOKENS:-20000}" --max-len-a 0 --max-len-b "${MAX_LEN_B:-128}" \
       "${POS[@]}" --distributed-world-size "$JOBS" --distributed-rank "$i" "${DEVICE[@]}" \
       > "$TEXT/generate-train.$i.txt" 2> "$TEXT/generate-train.$i.err" &
     pids+=($!)

@@ -158,7 +158,7 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
         for ext in ("bin", "idx"):
             shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
-    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1))
+    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1, kd_lenpen=1.0))
     for side in ("src", "tgt"):
         merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
         first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
@@ -195,7 +195,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1)
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0)
     compare.train_teacher(args)
     cmd, _ = calls[0]
     assert (work / "ar-t20" / "checkpoint_last.pt").read_bytes() == b"baseline"
@@ -204,11 +204,11 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     compare.distill(args)
     _, env = calls[1]
     assert env["TEACHER"] == str(work / "ar-t20" / "checkpoint_last.pt") and env["OUT"] == str(work / "bin-kd-t20")
-    assert env["NBEST"] == "1"
+    assert env["NBEST"] == "1" and env["LENPEN"] == "1"
     assert compare.folder(args, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20")
     assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
     assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
-    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1)
+    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1, kd_lenpen=1.0)
     assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
     # --kd-nbest 4: the same teacher writes its 4 best, the targets and students get their own folders
     best = argparse.Namespace(**{**vars(args), "kd_nbest": 4})
@@ -218,7 +218,16 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     assert env["TEACHER"] == str(work / "ar-t20" / "checkpoint_last.pt")
     assert compare.folder(best, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20-best-of-4")
     assert compare.folder(best, compare.TEACHER) == str(work / "ar-t20")
+    # --kd-lenpen 2.5: the teacher's beam favours longer outputs; own data and student folders again
+    longer = argparse.Namespace(**{**vars(best), "kd_lenpen": 2.5})
+    compare.distill(longer)
+    _, env = calls[3]
+    assert env["LENPEN"] == "2.5" and env["OUT"] == str(work / "bin-kd-t20-best-of-4-lenpen-2.5")
+    assert compare.folder(longer, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20-best-of-4-lenpen-2.5")
+    assert compare.data_dir(longer, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20-best-of-4-lenpen-2.5")
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--work", str(work), "--max-update", "8", "--teacher-updates", "4"])
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--work", str(work), "--kd-nbest", "0"])
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--work", str(work), "--kd-lenpen", "0"])
