@@ -1,0 +1,41 @@
+"""scripts/benchmark.py's timing protocol (the timed numbers themselves belong to benchmarks, not tests)."""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from helpers import REPO
+
+
+def test_large_batch_throughput_is_timed_after_every_batch_ran_once(monkeypatch):
+    """sent/s at --large-batch: every large batch runs once untimed before the timed pass (on CUDA the first
+    call of each batch shape loads and selects kernels), and the timed pass counts each sentence once."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import benchmark
+
+    small = [{"id": f"s{i}", "nsentences": 1} for i in range(3)]
+    large = [{"id": f"L{i}", "nsentences": n} for i, n in enumerate((4, 4, 2))]
+    monkeypatch.setattr(benchmark, "batches", lambda task, split, bs, limit, device: small if bs == 1 else large)
+    calls, clock = [], [0.0]
+
+    def run_one(model, task, gen, sample, floor):
+        calls.append(sample["id"])
+        return [[{"tokens": torch.tensor([4, 5, 2])}] for _ in range(sample["nsentences"])]
+
+    def perf_counter():  # one time unit per call of the fake clock; the warm-up must happen before t0
+        clock[0] += 1.0
+        calls.append("clock")
+        return clock[0]
+
+    monkeypatch.setattr(benchmark, "run_one", run_one)
+    monkeypatch.setattr(benchmark.time, "perf_counter", perf_counter)
+    task = argparse.Namespace(target_dictionary=argparse.Namespace(bos=lambda: 0, eos=lambda: 2, pad=lambda: 1))
+    model = argparse.Namespace()
+    args = argparse.Namespace(split="valid", max_sentences=10, warmup=1, large_batch=4, memory_batches=[])
+    (res,) = benchmark.measure_all([("sys", model, task, None, False)], args, torch.device("cpu"))
+    large_calls = [c for c in calls if c.startswith("L") or c == "clock"]
+    # warm-up: L0 L1 L2 untimed; then t0, the timed pass, and the end of the clock
+    assert large_calls[-8:] == ["L0", "L1", "L2", "clock", "L0", "L1", "L2", "clock"]
+    assert res["sent_per_s_bs4"] == 10 / 1.0  # 10 sentences over one tick of the fake clock
