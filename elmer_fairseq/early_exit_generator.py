@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .exit_policies import LastLayerExit, banned_tokens
 from .exit_strategies import strategy_of
 
-LENGTH_RULES = ("first-eos", "mode", "median")
+LENGTH_RULES = ("first-eos", "mode", "median", "quantile")
 
 
 def cut_at_first_eos(tokens, eos: int, pad: int):
@@ -122,16 +122,17 @@ def length_log_probs(eos_scores, valid, post_eos: str):
     return out.masked_fill(~valid, neg_inf)
 
 
-def choose_lengths(eos_scores, valid, post_eos: str, rule: str):
+def choose_lengths(eos_scores, valid, post_eos: str, rule: str, quantile: float = 0.5):
     """Output lengths (B,), ``</s>`` included, from the length distribution (``length_log_probs``):
     ``mode``: its most probable length; ``median``: the first length whose cumulative probability
-    reaches one half."""
+    reaches one half; ``quantile``: the first whose cumulative probability reaches ``quantile``."""
     lp = length_log_probs(eos_scores.float(), valid, post_eos)
     if rule == "mode":
         return lp.argmax(1) + 1
+    level = 0.5 if rule == "median" else quantile
     probs = lp.exp() * valid
     cdf = probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)
-    reached = (cdf >= 0.5) & valid
+    reached = (cdf >= level) & valid
     return reached.float().argmax(1) + 1
 
 
@@ -143,7 +144,8 @@ class EarlyExitGenerator:
         length_rule: where the output ends (``LENGTH_RULES``): ``first-eos``, the first position whose
             argmax is ``</s>`` (after ``eos_penalty`` is taken off its log-probability); ``mode`` /
             ``median``, the most probable / median length of the distribution the per-position
-            p(``</s>``) defines (``length_log_probs``); the positions before it take their best
+            p(``</s>``) defines (``length_log_probs``); ``quantile``, its ``length_quantile``
+            quantile (0.5: the median; higher: longer); the positions before it take their best
             token other than ``</s>``. Never the reference: one pass, no length predictor.
         no_repeat_neighbours: K > 1: neighbouring positions do not write the same token where one of
             them has another among its K best (``distinct_neighbours``), before the length rule
@@ -151,9 +153,12 @@ class EarlyExitGenerator:
     """
 
     def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
-                 length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0):
+                 length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0, length_quantile=0.5):
         if length_rule not in LENGTH_RULES:
             raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
+        if not 0.0 < length_quantile < 1.0:
+            raise ValueError(f"--length-quantile must be between 0 and 1 (exclusive), got {length_quantile}")
+        self.length_quantile = length_quantile
         self.tgt_dict = tgt_dict
         self.eos = tgt_dict.eos()
         self.pad = tgt_dict.pad()
@@ -209,7 +214,7 @@ class EarlyExitGenerator:
             lengths = None
             is_eos = (eos_scores - self.eos_penalty > scores) & ~pad
         else:
-            lengths = choose_lengths(eos_scores, ~pad, model.cfg.post_eos, self.length_rule)
+            lengths = choose_lengths(eos_scores, ~pad, model.cfg.post_eos, self.length_rule, self.length_quantile)
             is_eos = torch.arange(tokens.size(1), device=tokens.device)[None, :].eq(lengths[:, None] - 1)
         tokens = torch.where(is_eos, torch.full_like(tokens, self.eos), tokens).masked_fill(pad, self.pad)
         scores = torch.where(is_eos, eos_scores, scores)

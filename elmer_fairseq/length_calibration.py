@@ -1,4 +1,5 @@
-"""Choose ``--eos-penalty`` on training pairs, so that one-pass outputs have the references' length.
+"""Choose ``--eos-penalty`` (or ``--length-quantile``) on training pairs, so that one-pass outputs have
+the references' length.
 
 The first-``</s>`` cut is biased short when the model spreads p(``</s>``) over several positions. A
 penalty subtracted from log p(``</s>``) before the argmax lengthens the outputs; this picks the penalty
@@ -14,6 +15,10 @@ generation with ``--collapse-repeats`` (a larger penalty lengthens outputs partl
 ``--unit words`` counts sentencepiece words (what elmer-score's length ratio counts) instead of pieces.
 ``--no-repeat-neighbours K`` calibrates for generation with the same option (each position's token
 and score are then the ones that rule picks).
+``--rule quantile`` calibrates ``--length-rule quantile`` instead: the grid (``--quantiles``) holds levels of
+the length distribution the per-position p(``</s>``) defines (``choose_lengths``), and the output ends at
+the first length whose cumulative probability reaches the level; generate with
+``--length-rule quantile --length-quantile Q``.
 """
 
 import argparse
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils, utils
 
-from .early_exit_generator import EarlyExitGenerator
+from .early_exit_generator import EarlyExitGenerator, length_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,17 @@ def lengths_at_penalties(scores, eos_scores, pad, penalties):
     positions = torch.arange(width, device=scores.device)
     first = torch.where(wins, positions, width).min(-1).values  # (P, B)
     return torch.minimum(first, valid.sum(1)[None])
+
+
+def lengths_at_quantiles(eos_scores, pad, quantiles, post_eos):
+    """Output lengths (Q, B), ``</s>`` not counted, of ``--length-rule quantile`` at each level in
+    ``quantiles`` (Q,): the first length whose cumulative probability under ``length_log_probs``
+    reaches the level (``choose_lengths`` for one level)."""
+    valid = ~pad
+    probs = length_log_probs(eos_scores, valid, post_eos).exp() * valid
+    cdf = probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)  # (B, T)
+    reached = (cdf[None] >= quantiles[:, None, None]) & valid[None]  # (Q, B, T)
+    return reached.float().argmax(-1)
 
 
 class WordMarks:
@@ -77,17 +93,22 @@ def counted_lengths(tokens, lengths, collapse=False, marks=None):
     return torch.where(lengths > 0, prefix, torch.zeros_like(prefix))
 
 
-def length_table(model, generator, batches, penalties, pad_idx, collapse=False, marks=None):
-    """{penalty: (output length, reference length)} summed over ``batches`` (fairseq samples), in
+def length_table(model, generator, batches, penalties, pad_idx, collapse=False, marks=None, rule="first-eos"):
+    """{grid value: (output length, reference length)} summed over ``batches`` (fairseq samples), in
     pieces, or in words with ``marks`` (``WordMarks``); with ``collapse``, outputs are counted
-    after consecutive repeats are collapsed (as ``--collapse-repeats``)."""
+    after consecutive repeats are collapsed (as ``--collapse-repeats``). The grid values are
+    ``--eos-penalty`` values (``rule`` first-eos) or ``--length-quantile`` levels (``rule`` quantile)."""
     penalties_t = torch.tensor(penalties, dtype=torch.float)
     hyp = torch.zeros(len(penalties), dtype=torch.long)
     ref = 0
     for sample in batches:
         net = sample["net_input"]
         tokens, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
-        lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, penalties_t.to(scores.device))
+        grid = penalties_t.to(scores.device)
+        if rule == "quantile":
+            lengths = lengths_at_quantiles(eos_scores.float(), pad, grid, model.cfg.post_eos)
+        else:
+            lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, grid)
         if collapse or marks is not None:
             lengths = counted_lengths(tokens, lengths, collapse, marks)
         hyp += lengths.sum(1).cpu()
@@ -100,7 +121,8 @@ def length_table(model, generator, batches, penalties, pad_idx, collapse=False, 
 
 
 def choose_penalty(table, target_ratio=1.0):
-    """The penalty whose length ratio is nearest ``target_ratio`` (the smallest such penalty on a tie)."""
+    """The grid value (penalty or quantile) whose length ratio is nearest ``target_ratio`` (the smallest
+    on a tie)."""
     return min(sorted(table), key=lambda p: abs(table[p][0] / max(table[p][1], 1) - target_ratio))
 
 
@@ -118,7 +140,11 @@ def main(argv=None):
     p.add_argument("--path", required=True, help="the elmer_nat checkpoint")
     p.add_argument("--subset", default="train", help="a training split (never the one you report)")
     p.add_argument("--sentences", type=int, default=1000, help="pairs sampled from --subset")
-    p.add_argument("--penalties", default="0:8:0.25", help="grid START:STOP:STEP (STOP included)")
+    p.add_argument("--rule", choices=("first-eos", "quantile"), default="first-eos",
+                   help="the length rule calibrated: first-eos (its --eos-penalty) or quantile (its --length-quantile)")
+    p.add_argument("--penalties", default="0:8:0.25", help="--rule first-eos: grid START:STOP:STEP (STOP included)")
+    p.add_argument("--quantiles", default="0.5:0.995:0.005",
+                   help="--rule quantile: grid START:STOP:STEP of levels, each strictly between 0 and 1")
     p.add_argument("--target-ratio", type=float, default=1.0, help="wanted output/reference length ratio")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", help="write the table and the choice here")
@@ -134,12 +160,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.subset in ("valid", "test"):
         p.error(f"--subset {args.subset}: calibrate on a training split, not on the one you report")
+    flag = "--quantiles" if args.rule == "quantile" else "--penalties"
+    spec = args.quantiles if args.rule == "quantile" else args.penalties
     try:
-        start, stop, step = (float(x) for x in args.penalties.split(":"))
+        start, stop, step = (float(x) for x in spec.split(":"))
     except ValueError:
-        p.error(f"--penalties must be START:STOP:STEP, got {args.penalties!r}")
+        p.error(f"{flag} must be START:STOP:STEP, got {spec!r}")
     if step <= 0 or stop < start:
-        p.error(f"--penalties {args.penalties}: need STEP > 0 and STOP >= START")
+        p.error(f"{flag} {spec}: need STEP > 0 and STOP >= START")
+    if args.rule == "quantile" and not (0 < start and stop < 1):
+        p.error(f"{flag} {spec}: levels must lie strictly between 0 and 1")
     penalties = [round(start + i * step, 6) for i in range(int(round((stop - start) / step)) + 1)]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -159,16 +189,17 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     table = length_table(model, generator, batches, penalties, task.target_dictionary.pad(), args.collapse_repeats,
-                         marks)
+                         marks, args.rule)
     chosen = choose_penalty(table, args.target_ratio)
+    option = "length-quantile" if args.rule == "quantile" else "eos-penalty"
     for pen in penalties:
         h, r = table[pen]
-        print(f"eos-penalty {pen:6.2f}  output/reference {args.unit} {h}/{r} = {h / max(r, 1):.3f}"
+        print(f"{option} {pen:6.3f}  output/reference {args.unit} {h}/{r} = {h / max(r, 1):.3f}"
               + ("  <- chosen" if pen == chosen else ""))
-    print(f"chosen --eos-penalty {chosen}")
+    print(f"chosen --{option} {chosen}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"eos_penalty": chosen, "subset": args.subset, "sentences": args.sentences,
+            json.dump({option.replace("-", "_"): chosen, "rule": args.rule, "subset": args.subset, "sentences": args.sentences,
                        "target_ratio": args.target_ratio, "collapse_repeats": args.collapse_repeats,
                        "no_repeat_neighbours": args.no_repeat_neighbours, "unit": args.unit,
                        "table": {str(k): {f"hyp_{args.unit}": v[0], f"ref_{args.unit}": v[1]} for k, v in table.items()}}, f, indent=1)

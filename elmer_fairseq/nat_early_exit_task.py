@@ -51,11 +51,17 @@ class NATEarlyExitConfig(TranslationConfig):
         default="first-eos",
         metadata={
             "help": "generation: where each output ends, read from the per-position p(</s>) of the one pass "
-            "(never the reference): first-eos, the first position whose argmax is </s>; mode / median, the "
-            "most probable / median length of the length distribution those probabilities define "
-            "(interpreted by the checkpoint's --post-eos); the positions before it take their best token "
-            "other than </s>"
+            "(never the reference): first-eos, the first position whose argmax is </s>; mode / median / "
+            "quantile, the most probable length / the median / the --length-quantile quantile of the length "
+            "distribution those probabilities define (interpreted by the checkpoint's --post-eos); the "
+            "positions before it take their best token other than </s>"
         },
+    )
+    length_quantile: float = field(
+        default=0.5,
+        metadata={"help": "generation, --length-rule quantile: the output ends at the first length whose cumulative "
+                  "probability reaches this (0.5: the median; higher: longer outputs); "
+                  "elmer_fairseq/length_calibration.py --rule quantile picks it on training pairs"},
     )
     eos_penalty: float = field(
         default=0.0,
@@ -247,6 +253,7 @@ class NATEarlyExitTask(TranslationTask):
             length_rule=self.cfg.length_rule,
             eos_penalty=self.cfg.eos_penalty,
             no_repeat_neighbours=self.cfg.no_repeat_neighbours,
+            length_quantile=self.cfg.length_quantile,
         )
         extra = dict(extra_gen_cls_kwargs or {})
         # fairseq-generate always passes its LM-fusion arguments (None unless --lm-path)

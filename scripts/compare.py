@@ -56,10 +56,12 @@ ELMER_TRAIN = ["--user-dir", os.path.join(REPO, "elmer_fairseq"), "--task", "nat
 # name: trained on the distilled training split
 
 
-def calibrated(collapse=False, neighbours=0, unit="pieces"):
-    """A decode: first </s> with the --eos-penalty chosen on training pairs (length_calibration.py), for
-    generation with --collapse-repeats / --no-repeat-neighbours K, lengths counted in ``unit``."""
-    return {"collapse": collapse, "neighbours": neighbours, "unit": unit}
+def calibrated(collapse=False, neighbours=0, unit="pieces", rule="first-eos", ratio=1.0):
+    """A decode whose length knob is chosen on training pairs (length_calibration.py) so that the
+    output/reference ratio there is nearest ``ratio``: rule first-eos, the --eos-penalty; rule quantile,
+    the --length-quantile; for generation with --collapse-repeats / --no-repeat-neighbours K, lengths
+    counted in ``unit``."""
+    return {"collapse": collapse, "neighbours": neighbours, "unit": unit, "rule": rule, "ratio": ratio}
 
 
 def rule_flags(collapse=False, neighbours=0):
@@ -75,6 +77,11 @@ ELMER_DECODES = {
     "first </s>, eos penalty from train, repeats collapsed": calibrated(collapse=True),
     "no repeated neighbours (4 best), first </s>": ["--no-repeat-neighbours", "4"],
     "no repeated neighbours (4 best), eos penalty from train (words)": calibrated(neighbours=4, unit="words"),
+    "no repeated neighbours (4 best), median </s>": ["--no-repeat-neighbours", "4", "--length-rule", "median"],
+    "no repeated neighbours (4 best), length quantile from train (words)":
+        calibrated(neighbours=4, unit="words", rule="quantile"),
+    "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)":
+        calibrated(neighbours=4, unit="words", rule="quantile", ratio=0.95),
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
@@ -342,11 +349,11 @@ def generate(args, name, label, ckpt, tag=""):
     slug = re.sub(r"[^a-z0-9]+", "-", f"{label} {tag}".lower()).strip("-")
     out = os.path.join(folder(args, name), f"valid.{slug}.txt")
     if not os.path.exists(out + ".json"):
-        flags, penalty = decodes[label], None
+        flags, knob = decodes[label], None
         if isinstance(flags, dict):
-            penalty = calibrated_penalty(args, name, ckpt, **flags)
-            flags = ["--length-rule", "first-eos", "--eos-penalty", str(penalty)] + rule_flags(flags["collapse"],
-                                                                                             flags["neighbours"])
+            knob = calibrated_knob(args, name, ckpt, **flags)
+            option = "--length-quantile" if flags["rule"] == "quantile" else "--eos-penalty"
+            flags = ["--length-rule", flags["rule"], option, str(knob)] + rule_flags(flags["collapse"], flags["neighbours"])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -363,8 +370,8 @@ def generate(args, name, label, ckpt, tag=""):
         with open(out, encoding="utf-8") as f:
             hyps, refs = parse_generate_log(f)
         record = {"system": name, "decode": label, "checkpoint": ckpt, "flags": flags, "generate_wall_s": wall}
-        if penalty is not None:
-            record["eos_penalty"] = penalty
+        if knob is not None:
+            record["length_quantile" if "quantile" in flags else "eos_penalty"] = knob
         for collapse in (False, True):
             s = score(hyps, refs, collapse_words=collapse)
             suffix = " (repeats removed)" if collapse else ""
@@ -377,19 +384,22 @@ def generate(args, name, label, ckpt, tag=""):
         return json.load(f)
 
 
-def calibrated_penalty(args, name, ckpt, collapse=False, neighbours=0, unit="pieces"):
-    """The --eos-penalty whose output/reference length ratio on --calibration-pairs training pairs is
-    nearest 1 (elmer_fairseq/length_calibration.py; cached), with ``collapse`` the length after
-    --collapse-repeats, with ``neighbours`` the outputs of --no-repeat-neighbours, counted in ``unit``
-    (pieces or words). The valid split is not read."""
-    tag = (".collapsed" if collapse else "") + (f".k{neighbours}" if neighbours else "") + ("" if unit == "pieces" else f".{unit}")
+def calibrated_knob(args, name, ckpt, collapse=False, neighbours=0, unit="pieces", rule="first-eos", ratio=1.0):
+    """The --eos-penalty (rule first-eos) or --length-quantile (rule quantile) whose output/reference
+    length ratio on --calibration-pairs training pairs is nearest ``ratio`` (elmer_fairseq/length_calibration.py;
+    cached), with ``collapse`` the length after --collapse-repeats, with ``neighbours`` the outputs of
+    --no-repeat-neighbours, counted in ``unit`` (pieces or words). The valid split is not read."""
+    tag = ((".collapsed" if collapse else "") + (f".k{neighbours}" if neighbours else "")
+           + ("" if unit == "pieces" else f".{unit}") + (".quantile" if rule == "quantile" else "")
+           + ("" if ratio == 1.0 else f".ratio{ratio:g}"))
     out = os.path.join(folder(args, name), f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
-             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit]
+             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit,
+             "--rule", rule, "--target-ratio", str(ratio)]
             + rule_flags(collapse, neighbours), out=out + ".log")
     with open(out) as f:
-        return json.load(f)["eos_penalty"]
+        return json.load(f)["length_quantile" if rule == "quantile" else "eos_penalty"]
 
 
 def bs1_ms(args, name, ckpt, tag=""):

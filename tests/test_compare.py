@@ -114,17 +114,27 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
                          ("elmer-soft-kd-glat", "first </s>, eos penalty from train"),
                          ("elmer-soft-kd-glat", "first </s>, eos penalty from train, repeats collapsed"),
                          ("elmer-soft-kd-glat", "no repeated neighbours (4 best), first </s>"),
-                         ("elmer-soft-kd-glat", "no repeated neighbours (4 best), eos penalty from train (words)")}
+                         ("elmer-soft-kd-glat", "no repeated neighbours (4 best), eos penalty from train (words)"),
+                         ("elmer-soft-kd-glat", "no repeated neighbours (4 best), median </s>"),
+                         ("elmer-soft-kd-glat", "no repeated neighbours (4 best), length quantile from train (words)"),
+                         ("elmer-soft-kd-glat",
+                          "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)")}
     for r in rows.values():
         assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
         assert r["length_ratio"] >= 0 and r["bs1_ms"] > 0 and r["updates"] == 8  # 8 updates may write nothing
     assert rows[("elmer-soft-kd-glat", "first </s>, eos penalty from train")]["eos_penalty"] >= 0
-    collapsed = json.loads(next((work / "elmer-soft-kd-glat").glob("calibration.collapsed.*.json")).read_text())
+    collapsed = json.loads((work / "elmer-soft-kd-glat" / "calibration.collapsed.checkpoint_last.pt.json").read_text())
     assert collapsed["collapse_repeats"] and collapsed["subset"] == "train"
-    words = json.loads(next((work / "elmer-soft-kd-glat").glob("calibration.k4.words.*.json")).read_text())
+    words = json.loads((work / "elmer-soft-kd-glat" / "calibration.k4.words.checkpoint_last.pt.json").read_text())
     assert words["unit"] == "words" and words["no_repeat_neighbours"] == 4 and not words["collapse_repeats"]
     flags = rows[("elmer-soft-kd-glat", "no repeated neighbours (4 best), eos penalty from train (words)")]["flags"]
     assert flags == ["--length-rule", "first-eos", "--eos-penalty", str(words["eos_penalty"]), "--no-repeat-neighbours", "4"]
+    quantile = json.loads((work / "elmer-soft-kd-glat" / "calibration.k4.words.quantile.ratio0.95.checkpoint_last.pt.json").read_text())
+    assert quantile["rule"] == "quantile" and quantile["target_ratio"] == 0.95 and 0 < quantile["length_quantile"] < 1
+    label = "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)"
+    assert rows[("elmer-soft-kd-glat", label)]["flags"] == [
+        "--length-rule", "quantile", "--length-quantile", str(quantile["length_quantile"]), "--no-repeat-neighbours", "4"]
+    assert rows[("elmer-soft-kd-glat", label)]["length_quantile"] == quantile["length_quantile"]
     elmer = rows[("elmer-soft-kd-glat", "most probable </s>")]
     assert elmer["time_matched_updates"] in (0, 4, 8) and "time_matched_rougeL" in elmer
     # the distilled training targets are the teacher's beam outputs, one per training pair

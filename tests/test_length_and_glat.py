@@ -62,6 +62,9 @@ def test_mode_and_median_lengths_by_hand():
     p = torch.tensor([[0.2, 0.1, 0.3, 0.4]])
     assert choose_lengths(p.log(), valid, "pad", "mode").tolist() == [4]
     assert choose_lengths(p.log(), valid, "pad", "median").tolist() == [3]
+    # quantile: the first length whose cdf (0.2, 0.3, 0.6, 1.0) reaches the level; 0.5 is the median
+    assert [choose_lengths(p.log(), valid, "pad", "quantile", q).item() for q in (0.15, 0.25, 0.5, 0.55, 0.65, 0.99)] \
+        == [1, 2, 3, 3, 4, 4]
 
 
 def run_generator(task, model, **kw):
@@ -70,13 +73,15 @@ def run_generator(task, model, **kw):
     return EarlyExitGenerator(task.target_dictionary, **kw).generate([model], sample)
 
 
-@pytest.mark.parametrize("rule", ["mode", "median"])
+@pytest.mark.parametrize("rule", ["mode", "median", "quantile"])
 @pytest.mark.parametrize("post_eos", ["pad", "ignore"])
 def test_generator_length_rule_against_a_naive_reading(task, rule, post_eos):
-    """Each hypothesis: its best non-</s> token at every position before the rule's length, then </s>."""
+    """Each hypothesis: its best non-</s> token at every position before the rule's length, then </s>
+    (quantile at level 0.8)."""
     model = make_model(task, seed=2, post_eos=post_eos, canvas_len_b=4)
     d = task.target_dictionary
-    hypos = run_generator(task, model, exit_threshold=0.0, length_rule=rule)
+    level = 0.8 if rule == "quantile" else 0.5
+    hypos = run_generator(task, model, exit_threshold=0.0, length_rule=rule, length_quantile=level)
     src, src_len = encode(task, SOURCES)
     canvas = model.initialize_canvas(src_len)
     with torch.no_grad():
@@ -93,7 +98,7 @@ def test_generator_length_rule_against_a_naive_reading(task, rule, post_eos):
             total, acc, length = sum(probs), 0.0, n_valid
             for i, q in enumerate(probs):
                 acc += q
-                if acc / total >= 0.5:
+                if acc / total >= level:
                     length = i + 1
                     break
         want = []
@@ -289,6 +294,32 @@ def test_length_calibration_grid_matches_the_generator_and_picks_the_nearest_rat
     chosen = choose_penalty(table, 1.0)
     assert abs(table[chosen][0] / ref - 1) == min(abs(h / ref - 1) for h, _ in table.values())
     assert choose_penalty({0.0: (5, 10), 1.0: (10, 10), 2.0: (10, 10)}) == 1.0  # the smallest on a tie
+
+
+def test_quantile_calibration_grid_matches_the_generator(task):
+    """--rule quantile: at every level of the grid, the calibrated lengths equal what the generator
+    writes with --length-rule quantile --length-quantile at that level (</s> not counted), for each
+    --post-eos reading; lengths grow with the level; levels outside (0, 1) are refused."""
+    from elmer_fairseq.length_calibration import length_table, lengths_at_quantiles
+
+    d = task.target_dictionary
+    levels = [0.05, 0.3, 0.5, 0.7, 0.9, 0.999]
+    for post_eos in ("eos", "pad", "ignore"):
+        model = make_model(task, seed=3, post_eos=post_eos, canvas_len_b=6)
+        src, src_len = encode(task, SOURCES)
+        generator = EarlyExitGenerator(d)
+        _, _, eos_scores, _, pad = generator.position_scores(model, src, src_len)
+        grid = lengths_at_quantiles(eos_scores, pad, torch.tensor(levels), post_eos)
+        for row, level in enumerate(levels):
+            hypos = run_generator(task, model, exit_threshold=0.0, length_rule="quantile", length_quantile=level)
+            written = [int(h[0]["tokens"].numel()) - int(h[0]["tokens"][-1] == d.eos()) for h in hypos]
+            assert grid[row].tolist() == written, (post_eos, level)
+        assert (grid[1:] >= grid[:-1]).all() and grid[-1].sum() > grid[0].sum(), post_eos
+        table = length_table(model, generator, [make_sample(task, SOURCES, TARGETS)], levels, d.pad(), rule="quantile")
+        assert [table[q][0] for q in levels] == grid.sum(1).tolist()
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="--length-quantile"):
+            EarlyExitGenerator(d, length_rule="quantile", length_quantile=bad)
 
 
 def test_length_calibration_counts_what_collapse_repeats_writes(task):
