@@ -6,8 +6,8 @@
 #            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
 #            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
 #   generate fairseq-generate on the test split (one pass; neighbouring positions write distinct tokens
-#            among their 4 best; cut at the first </s> after a </s> penalty whose output length in words
-#            best matches the references' on training pairs)
+#            among their 4 best; the output ends at the quantile of the model's own length distribution
+#            whose output length in words is 0.95 of the references' on training pairs)
 #   score    elmer-score --task $DATASET (the paper's columns)
 #   all      the four in order
 # Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
@@ -19,7 +19,10 @@
 #                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
 #   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
 #   GLAT           1 (default): glancing training (--glat); 0: off
-#   EOS_PENALTY    calibrate (default): pick --eos-penalty on CALIBRATION_PAIRS (1000) training pairs
+#   LENGTH_RULE    quantile (default): --length-rule quantile, its --length-quantile from LENGTH_QUANTILE;
+#                  first-eos: the first </s> after the --eos-penalty from EOS_PENALTY
+#   LENGTH_QUANTILE, EOS_PENALTY  calibrate (default): picked on CALIBRATION_PAIRS (1000) training pairs so that
+#                  the output/reference length ratio there is nearest TARGET_RATIO (0.95)
 #                  (elmer_fairseq/length_calibration.py; the test split is not read); a number: use it
 #   NEIGHBOURS     4 (default; 0 with EARLY_EXIT=hard): generate (and calibrate) with --no-repeat-neighbours 4; 0: off
 #   COLLAPSE       0 (default): off; 1: generate with --collapse-repeats (and calibrate the length after it)
@@ -102,24 +105,30 @@ train() {
 }
 
 generate() {
-  local post=() penalty=${EOS_PENALTY:-calibrate} rules=() unit=pieces neighbours
+  local post=() rule=${LENGTH_RULE:-quantile} rules=() unit=pieces neighbours option knob key
   # hard exit reads each token at its own layer: the neighbour rule needs one layer's K best
   neighbours=${NEIGHBOURS:-$([ "${EARLY_EXIT:-soft}" = hard ] && echo 0 || echo 4)}
   if [ "${COLLAPSE:-0}" = 1 ]; then rules=(--collapse-repeats); fi
   if [ "$neighbours" != 0 ]; then rules+=(--no-repeat-neighbours "$neighbours"); fi
   if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece); unit=words
   else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
-  if [ "$penalty" = calibrate ]; then
+  case "$rule" in
+    quantile) option=--length-quantile; knob=${LENGTH_QUANTILE:-calibrate}; key=length_quantile ;;
+    first-eos) option=--eos-penalty; knob=${EOS_PENALTY:-calibrate}; key=eos_penalty ;;
+    *) echo "LENGTH_RULE=$rule: expected quantile or first-eos" >&2; exit 2 ;;
+  esac
+  if [ "$knob" = calibrate ]; then
     python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
       --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${rules[@]}" \
-      --unit "$unit" \
+      --unit "$unit" --rule "$rule" --target-ratio "${TARGET_RATIO:-0.95}" \
       > "$SAVE/length-calibration.log" 2>&1 || { tail -5 "$SAVE/length-calibration.log"; exit 1; }
-    penalty=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["eos_penalty"])' "$SAVE/length-calibration.json")
-    echo "--eos-penalty $penalty (chosen on training pairs: $SAVE/length-calibration.json)"
+    knob=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$SAVE/length-calibration.json" "$key")
+    echo "$option $knob (chosen on training pairs: $SAVE/length-calibration.json)"
   fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
-    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --eos-penalty "$penalty" "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --length-rule "$rule" "$option" "$knob" \
+    "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
   grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true
 }

@@ -125,10 +125,13 @@ def test_recipe_end_to_end(dataset, tmp_path):
                BATCH="8", DATA_ROOT=str(tmp_path / "data-bin"), SAVE_DIR=str(tmp_path / "ckpt"),
                EXTRA_TRAIN_FLAGS=TINY, WORKERS="1", LOG_INTERVAL="1")
     env.pop("GPT2_BPE_DIR", None)
-    quality = dataset == "squad_qg"  # the defaults (GLAT, calibrated </s> penalty, distinct neighbours) here
-    env.update({"CALIBRATION_PAIRS": "20"} if quality else {"GLAT": "0", "EOS_PENALTY": "0", "NEIGHBOURS": "0",
-                                                             "COLLAPSE": "1"})
-    for name in ("GLAT", "EOS_PENALTY", "COLLAPSE", "NEIGHBOURS") if quality else ():
+    # the defaults (GLAT, length quantile calibrated on train, distinct neighbours) on squad_qg; xsum: the
+    # plain first </s> with repeats collapsed
+    quality = dataset == "squad_qg"
+    env.update({"CALIBRATION_PAIRS": "20"} if quality else {"GLAT": "0", "LENGTH_RULE": "first-eos", "EOS_PENALTY": "0",
+                                                             "NEIGHBOURS": "0", "COLLAPSE": "1"})
+    for name in ("GLAT", "LENGTH_RULE", "LENGTH_QUANTILE", "EOS_PENALTY", "TARGET_RATIO", "COLLAPSE",
+                 "NEIGHBOURS") if quality else ():
         env.pop(name, None)
     out = subprocess.run(["bash", f"scripts/{dataset}.sh", "all", str(raw)], cwd=REPO, env=env,
                          capture_output=True, text=True)
@@ -137,7 +140,10 @@ def test_recipe_end_to_end(dataset, tmp_path):
         chosen = json.loads((tmp_path / "ckpt" / "length-calibration.json").read_text())
         assert chosen["subset"] == "train" and not chosen["collapse_repeats"]
         assert chosen["no_repeat_neighbours"] == 4 and chosen["unit"] == "words"  # a sentencepiece vocabulary
-        assert f"--eos-penalty {chosen['eos_penalty']} (chosen on training pairs" in out.stdout
+        assert chosen["rule"] == "quantile" and chosen["target_ratio"] == 0.95
+        assert f"--length-quantile {chosen['length_quantile']} (chosen on training pairs" in out.stdout
+        flags = (tmp_path / "ckpt" / "generate-test.err").read_text()  # fairseq-generate logs its configuration
+        assert "'length_rule': 'quantile'" in flags and f"'length_quantile': {chosen['length_quantile']}" in flags
         assert "glat_ratio" in (tmp_path / "ckpt" / "train.log").read_text()
     canvas = (tmp_path / "data-bin" / dataset / "canvas.env").read_text()
     assert re.search(r"CANVAS_A=0\nCANVAS_B=\d+", canvas)
