@@ -122,6 +122,13 @@ def length_log_probs(eos_scores, valid, post_eos: str):
     return out.masked_fill(~valid, neg_inf)
 
 
+def length_cdf(length_log_probs_, valid):
+    """P(output length <= i + 1) for each canvas position i (B, T), from ``length_log_probs``,
+    renormalised over the valid positions."""
+    probs = length_log_probs_.exp() * valid
+    return probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)
+
+
 def choose_lengths(eos_scores, valid, post_eos: str, rule: str, quantile: float = 0.5):
     """Output lengths (B,), ``</s>`` included, from the length distribution (``length_log_probs``):
     ``mode``: its most probable length; ``median``: the first length whose cumulative probability
@@ -130,9 +137,7 @@ def choose_lengths(eos_scores, valid, post_eos: str, rule: str, quantile: float 
     if rule == "mode":
         return lp.argmax(1) + 1
     level = 0.5 if rule == "median" else quantile
-    probs = lp.exp() * valid
-    cdf = probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)
-    reached = (cdf >= level) & valid
+    reached = (length_cdf(lp, valid) >= level) & valid
     return reached.float().argmax(1) + 1
 
 

@@ -29,9 +29,12 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils, utils
 
-from .early_exit_generator import EarlyExitGenerator, length_log_probs
+from .early_exit_generator import EarlyExitGenerator, length_cdf, length_log_probs
 
 logger = logging.getLogger(__name__)
+
+# the length rule calibrated -> the generation option it sets (also the key of the choice in --json)
+KNOBS = {"first-eos": "eos-penalty", "quantile": "length-quantile"}
 
 
 def lengths_at_penalties(scores, eos_scores, pad, penalties):
@@ -50,8 +53,7 @@ def lengths_at_quantiles(eos_scores, pad, quantiles, post_eos):
     ``quantiles`` (Q,): the first length whose cumulative probability under ``length_log_probs``
     reaches the level (``choose_lengths`` for one level)."""
     valid = ~pad
-    probs = length_log_probs(eos_scores, valid, post_eos).exp() * valid
-    cdf = probs.cumsum(1) / probs.sum(1, keepdim=True).clamp(min=1e-12)  # (B, T)
+    cdf = length_cdf(length_log_probs(eos_scores, valid, post_eos), valid)  # (B, T)
     reached = (cdf[None] >= quantiles[:, None, None]) & valid[None]  # (Q, B, T)
     return reached.float().argmax(-1)
 
@@ -140,7 +142,7 @@ def main(argv=None):
     p.add_argument("--path", required=True, help="the elmer_nat checkpoint")
     p.add_argument("--subset", default="train", help="a training split (never the one you report)")
     p.add_argument("--sentences", type=int, default=1000, help="pairs sampled from --subset")
-    p.add_argument("--rule", choices=("first-eos", "quantile"), default="first-eos",
+    p.add_argument("--rule", choices=sorted(KNOBS), default="first-eos",
                    help="the length rule calibrated: first-eos (its --eos-penalty) or quantile (its --length-quantile)")
     p.add_argument("--penalties", default="0:8:0.25", help="--rule first-eos: grid START:STOP:STEP (STOP included)")
     p.add_argument("--quantiles", default="0.5:0.995:0.005",
@@ -191,7 +193,7 @@ def main(argv=None):
     table = length_table(model, generator, batches, penalties, task.target_dictionary.pad(), args.collapse_repeats,
                          marks, args.rule)
     chosen = choose_penalty(table, args.target_ratio)
-    option = "length-quantile" if args.rule == "quantile" else "eos-penalty"
+    option = KNOBS[args.rule]
     for pen in penalties:
         h, r = table[pen]
         print(f"{option} {pen:6.3f}  output/reference {args.unit} {h}/{r} = {h / max(r, 1):.3f}"

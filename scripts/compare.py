@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from elmer_fairseq.length_calibration import KNOBS
 from elmer_fairseq.model_sizes import size_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,9 +352,9 @@ def generate(args, name, label, ckpt, tag=""):
     if not os.path.exists(out + ".json"):
         flags, knob = decodes[label], None
         if isinstance(flags, dict):
-            knob = calibrated_knob(args, name, ckpt, **flags)
-            option = "--length-quantile" if flags["rule"] == "quantile" else "--eos-penalty"
-            flags = ["--length-rule", flags["rule"], option, str(knob)] + rule_flags(flags["collapse"], flags["neighbours"])
+            knob, option = calibrated_knob(args, name, ckpt, **flags), KNOBS[flags["rule"]]
+            flags = ["--length-rule", flags["rule"], f"--{option}", str(knob)] + rule_flags(flags["collapse"],
+                                                                                          flags["neighbours"])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -371,7 +372,7 @@ def generate(args, name, label, ckpt, tag=""):
             hyps, refs = parse_generate_log(f)
         record = {"system": name, "decode": label, "checkpoint": ckpt, "flags": flags, "generate_wall_s": wall}
         if knob is not None:
-            record["length_quantile" if "quantile" in flags else "eos_penalty"] = knob
+            record[option.replace("-", "_")] = knob
         for collapse in (False, True):
             s = score(hyps, refs, collapse_words=collapse)
             suffix = " (repeats removed)" if collapse else ""
@@ -399,7 +400,7 @@ def calibrated_knob(args, name, ckpt, collapse=False, neighbours=0, unit="pieces
              "--rule", rule, "--target-ratio", str(ratio)]
             + rule_flags(collapse, neighbours), out=out + ".log")
     with open(out) as f:
-        return json.load(f)["length_quantile" if rule == "quantile" else "eos_penalty"]
+        return json.load(f)[KNOBS[rule].replace("-", "_")]
 
 
 def bs1_ms(args, name, ckpt, tag=""):
