@@ -42,5 +42,6 @@ setup(
         "elmer-convert-hf = elmer_fairseq.convert_hf:main",
         "elmer-canvas = elmer_fairseq.canvas:main",
         "elmer-exit-layers = elmer_fairseq.generation_io:main",
+        "elmer-average-checkpoints = elmer_fairseq.average_checkpoints:main",
     ]},
 )

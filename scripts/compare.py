@@ -27,6 +27,8 @@ With ``--teacher-updates N`` (N > ``--max-update``) the teacher is the same AR t
 (``WORK/ar-tN``, resumed from the baseline's last checkpoint: same size, data and schedule), its data
 ``WORK/bin-kd-tN``, and the students' folders ``WORK/<system>-tN``; the teacher's own beam-4 scores are a
 row of the table. The baseline every system is compared with stays the AR at ``--max-update``.
+With ``--average-last N`` every system is also read with the mean weights of its last N interval checkpoints
+(``elmer-average-checkpoints``), next to its last checkpoint, in ``WORK/compare-avgN.{json,md}``.
 A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
 """
 
@@ -425,6 +427,17 @@ def interval_checkpoint(args, name, updates):
     return os.path.join(folder(args, name), found[0]) if found else None
 
 
+def averaged_checkpoint(args, name, up_to):
+    """WORK/<name>/checkpoint_avg<N>[_at<U>].pt: the mean weights of the system's --average-last N interval
+    checkpoints up to ``up_to`` updates (elmer_fairseq/average_checkpoints.py; cached)."""
+    n = args.average_last
+    out = os.path.join(folder(args, name), f"checkpoint_avg{n}" + ("" if up_to == args.max_update else f"_at{up_to}") + ".pt")
+    if not os.path.exists(out):
+        run([sys.executable, "-m", "elmer_fairseq.average_checkpoints", "--dir", folder(args, name),
+             "--last-updates", str(n), "--up-to", str(up_to), "--output", out], out=out + ".log")
+    return out
+
+
 def time_matched_checkpoint(args, name, budget_s):
     """The system's last interval checkpoint saved within ``budget_s`` seconds of training."""
     wall = walls(args, name)
@@ -485,12 +498,19 @@ def main(argv=None):
                    help="the kd systems' targets: of the teacher's N best beam outputs, the one nearest the training "
                    "reference (scripts/distill.sh NBEST=N; data WORK/bin-kd...-best-of-N, students WORK/<system>...-best-of-N); "
                    "1: the teacher's best")
+    p.add_argument("--average-last", type=int, default=1, metavar="N",
+                   help="also score every system (the AR included; not the teacher) with the mean weights of its N last "
+                   "interval checkpoints (one every --save-every updates, up to --max-update or --at-update; "
+                   "elmer_fairseq/average_checkpoints.py), next to its last checkpoint; table WORK/compare[-at-U]-avgN.*; "
+                   "1: the last checkpoint alone")
     p.add_argument("--kd-lenpen", type=float, default=1.0, metavar="L",
                    help="the teacher's beam-search length penalty for the kd systems' targets (fairseq-generate "
                    "--lenpen; above 1 favours longer outputs; scripts/distill.sh LENPEN=L; folders ...-lenpen-L)")
     args = p.parse_args(argv)
     if args.kd_nbest < 1:
         p.error(f"--kd-nbest {args.kd_nbest}: expected 1 or more")
+    if args.average_last < 1:
+        p.error(f"--average-last {args.average_last}: expected 1 or more")
     if args.kd_lenpen <= 0:
         p.error(f"--kd-lenpen {args.kd_lenpen}: expected a positive length penalty")
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
@@ -536,28 +556,37 @@ def main(argv=None):
             if ckpt is None:
                 raise SystemExit(f"compare: {name} has no checkpoint at {args.at_update} updates")
         timing = bs1_ms(args, name, ckpt, tag.replace(" ", "-")) if args.bs1_sentences else {}
+        # the last checkpoint, and with --average-last N also the mean of the last N (same run, side by side)
+        reads = [(ckpt, tag, "")]
+        if args.average_last > 1:
+            reads.append((averaged_checkpoint(args, name, args.at_update or args.max_update),
+                          f"{tag} avg {args.average_last}".strip(), f", mean of the last {args.average_last} checkpoints"))
         _, decodes = SYSTEMS[name]
-        for label in decodes:
-            r = generate(args, name, label, ckpt, tag)
-            r["system"] = os.path.basename(folder(args, name))
-            r["updates"] = args.at_update or args.max_update
-            r["train_s"] = walls(args, name).get(r["updates"])
-            if name == "ar":
-                r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
-            else:
-                r["bs1_ms"] = timing.get("ELMER soft")
-                if not args.no_time_matched and ar_wall is not None and args.at_update is None:
-                    # None: no checkpoint of this system was saved within the AR's wall-clock
-                    tm_ckpt, tm_updates = time_matched_checkpoint(args, name, ar_wall)
-                    r["time_matched_updates"], r["time_matched_rougeL"] = tm_updates, None
-                    if tm_ckpt and tm_updates < args.max_update:
-                        r["time_matched_rougeL"] = generate(args, name, label, tm_ckpt, f"at {tm_updates}")["ROUGE-L"]
-                    elif tm_ckpt:
-                        r["time_matched_rougeL"] = r["ROUGE-L"]
-            rows.append(r)
+        for read, read_tag, suffix in reads:
+            for label in decodes:
+                r = generate(args, name, label, read, read_tag)
+                r["system"] = os.path.basename(folder(args, name))
+                r["decode"] = label + suffix
+                r["updates"] = args.at_update or args.max_update
+                r["averaged"] = args.average_last if suffix else 1
+                r["train_s"] = walls(args, name).get(r["updates"])
+                if name == "ar":
+                    r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
+                else:
+                    r["bs1_ms"] = timing.get("ELMER soft")
+                    if not args.no_time_matched and ar_wall is not None and args.at_update is None and not suffix:
+                        # None: no checkpoint of this system was saved within the AR's wall-clock
+                        tm_ckpt, tm_updates = time_matched_checkpoint(args, name, ar_wall)
+                        r["time_matched_updates"], r["time_matched_rougeL"] = tm_updates, None
+                        if tm_ckpt and tm_updates < args.max_update:
+                            r["time_matched_rougeL"] = generate(args, name, label, tm_ckpt, f"at {tm_updates}")["ROUGE-L"]
+                        elif tm_ckpt:
+                            r["time_matched_rougeL"] = r["ROUGE-L"]
+                rows.append(r)
     table = markdown(rows)
     print(table)
-    stem = "compare" if args.at_update is None else f"compare-at-{args.at_update}"
+    stem = ("compare" if args.at_update is None else f"compare-at-{args.at_update}") + (
+        "" if args.average_last == 1 else f"-avg{args.average_last}")
     with open(os.path.join(args.work, stem + ".json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=1)
     with open(os.path.join(args.work, stem + ".md"), "w") as f:

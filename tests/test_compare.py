@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO
 from elmer_fairseq.distill import pairs_from_generate_log
@@ -146,6 +147,18 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "fairseq-train" not in again.stdout
     assert json.loads((work / "compare.json").read_text())["rows"] == report["rows"]
+    # --average-last 2: every system (the AR too) decoded again with the mean of its checkpoints at 4 and 8 updates
+    avg = subprocess.run(cmd + ["--average-last", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert avg.returncode == 0, avg.stdout[-3000:] + avg.stderr[-3000:]
+    assert "fairseq-train" not in avg.stdout
+    averaged = {(r["system"], r["decode"]): r for r in json.loads((work / "compare-avg2.json").read_text())["rows"]}
+    assert set(averaged) == set(rows) | {(s, f"{d}, mean of the last 2 checkpoints") for s, d in rows}
+    assert all(averaged[key]["ROUGE-L"] == r["ROUGE-L"] for key, r in rows.items())  # the last checkpoint, cached
+    for system in ("ar", "elmer-soft-kd-glat"):
+        state = torch.load(work / system / "checkpoint_avg2.pt", weights_only=True)
+        assert [p.rsplit("_", 1)[1] for p in state["averaged_from"]] == ["4.pt", "8.pt"]
+        assert all(r["checkpoint"].endswith("checkpoint_avg2.pt") == (r["averaged"] == 2)
+                   for (s, _), r in averaged.items() if s == system)
 
 
 def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, tmp_path):

@@ -1,0 +1,58 @@
+"""elmer-average-checkpoints: mean weights by hand, everything else from the last input, bad input named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import elmer_fairseq  # noqa: F401  (allow-lists fairseq's checkpoint types)
+from elmer_fairseq.average_checkpoints import average_states, last_interval_checkpoints
+
+
+def _save(path, w, step, half, extra="x"):
+    torch.save({"model": {"w": torch.tensor(w), "steps": torch.tensor(step), "h": torch.tensor(half, dtype=torch.float16)},
+                "cfg": {"common": {"seed": step}}, "extra_state": {"note": extra}}, path)
+    return str(path)
+
+
+def test_average_by_hand(tmp_path):
+    a = _save(tmp_path / "checkpoint_1_10.pt", [1.0, 2.0], 10, [0.5], "first")
+    b = _save(tmp_path / "checkpoint_1_20.pt", [3.0, 6.0], 20, [1.5], "second")
+    c = _save(tmp_path / "checkpoint_2_30.pt", [5.0, 1.0], 30, [2.5], "third")
+    state = average_states([a, b, c])
+    assert state["model"]["w"].tolist() == pytest.approx([3.0, 3.0])
+    assert state["model"]["h"].dtype == torch.float16 and state["model"]["h"].item() == 1.5
+    # integer buffers and everything outside the weights come from the last input
+    assert state["model"]["steps"].item() == 30 and state["cfg"]["common"]["seed"] == 30
+    assert state["extra_state"]["note"] == "third" and state["averaged_from"] == [os.path.abspath(p) for p in (a, b, c)]
+
+
+def test_last_interval_checkpoints_picks_by_updates_not_by_name(tmp_path):
+    paths = {u: _save(tmp_path / f"checkpoint_{e}_{u}.pt", [float(u)], u, [0.0]) for e, u in ((1, 90), (1, 100), (2, 1000))}
+    _save(tmp_path / "checkpoint_last.pt", [0.0], 0, [0.0])
+    assert last_interval_checkpoints(str(tmp_path), 2) == [paths[100], paths[1000]]
+    assert last_interval_checkpoints(str(tmp_path), 2, up_to=100) == [paths[90], paths[100]]
+    with pytest.raises(ValueError, match="2 checkpoint_<epoch>_<updates>.pt files at or before 100 updates, 3 needed"):
+        last_interval_checkpoints(str(tmp_path), 3, up_to=100)
+
+
+def test_mismatched_checkpoints_are_refused_by_name(tmp_path):
+    a = _save(tmp_path / "a.pt", [1.0, 2.0], 1, [0.0])
+    b = _save(tmp_path / "b.pt", [1.0, 2.0, 3.0], 2, [0.0])
+    with pytest.raises(ValueError, match=r"b\.pt: its parameters differ from .*a\.pt's .*shapes differ: \['w'\]"):
+        average_states([a, b])
+
+
+def test_cli_writes_a_checkpoint_that_loads_weights_only(tmp_path):
+    for u, w in ((10, 1.0), (20, 2.0), (30, 4.0)):
+        _save(tmp_path / f"checkpoint_1_{u}.pt", [w], u, [0.0])
+    out = tmp_path / "avg.pt"
+    proc = subprocess.run([sys.executable, "-m", "elmer_fairseq.average_checkpoints", "--dir", str(tmp_path),
+                           "--last-updates", "2", "--output", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(out, weights_only=True)["model"]["w"].item() == 3.0
+    bad = subprocess.run([sys.executable, "-m", "elmer_fairseq.average_checkpoints", "--inputs", str(tmp_path / "nope.pt"),
+                          "--output", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--inputs: " in bad.stderr and "nope.pt is not a file" in bad.stderr
