@@ -6,6 +6,7 @@ checkpoint, AR or ELMER:
 
     elmer-average-checkpoints --inputs ckpt/checkpoint_2_1400.pt ... --output ckpt/avg.pt
     elmer-average-checkpoints --dir ckpt --last-updates 5 --output ckpt/avg.pt   # the 5 latest checkpoint_E_U.pt
+    elmer-average-checkpoints --dir ckpt --last-epochs 5 --output ckpt/avg.pt    # the 5 latest checkpointE.pt
 
 Floating-point tensors are averaged (accumulated in float64, written back in each tensor's own dtype);
 every other entry (integer buffers, the configuration, the optimizer state, the training position) is
@@ -24,29 +25,33 @@ from fairseq import checkpoint_utils
 
 logger = logging.getLogger(__name__)
 
-INTERVAL = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
+# what fairseq-train writes: checkpoint_<epoch>_<updates>.pt (--save-interval-updates), checkpoint<epoch>.pt
+KINDS = {"updates": (re.compile(r"^checkpoint_\d+_(\d+)\.pt$"), "checkpoint_<epoch>_<updates>.pt",
+                     "--save-interval-updates and --keep-interval-updates"),
+         "epochs": (re.compile(r"^checkpoint(\d+)\.pt$"), "checkpoint<epoch>.pt", "--keep-last-epochs")}
 
 
-def interval_checkpoints(folder: str) -> Dict[int, str]:
-    """``{updates: path}`` for the ``checkpoint_<epoch>_<updates>.pt`` files that
-    ``--save-interval-updates`` writes in ``folder``."""
+def numbered_checkpoints(folder: str, kind: str = "updates") -> Dict[int, str]:
+    """``{updates or epoch: path}`` for the interval (kind ``updates``) or epoch checkpoints in ``folder``."""
+    pattern = KINDS[kind][0]
     found = {}
     for name in os.listdir(folder):
-        m = INTERVAL.match(name)
+        m = pattern.match(name)
         if m:
-            found[int(m.group(2))] = os.path.join(folder, name)
+            found[int(m.group(1))] = os.path.join(folder, name)
     return found
 
 
-def last_interval_checkpoints(folder: str, n: int, up_to: int = None) -> List[str]:
-    """The ``n`` interval checkpoints with the most updates (at most ``up_to``), oldest first."""
-    found = interval_checkpoints(folder)
-    updates = sorted(u for u in found if up_to is None or u <= up_to)
-    if len(updates) < n:
-        limit = "" if up_to is None else f" at or before {up_to} updates"
-        raise ValueError(f"{folder}: {len(updates)} checkpoint_<epoch>_<updates>.pt files{limit}, "
-                         f"{n} needed to average (train with --save-interval-updates and --keep-interval-updates -1)")
-    return [found[u] for u in updates[-n:]]
+def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = None) -> List[str]:
+    """The ``n`` checkpoints of ``kind`` with the most updates (epochs), at most ``up_to``, oldest first."""
+    found = numbered_checkpoints(folder, kind)
+    steps = sorted(u for u in found if up_to is None or u <= up_to)
+    if len(steps) < n:
+        _, name, flags = KINDS[kind]
+        limit = "" if up_to is None else f" at or before {up_to} {kind}"
+        raise ValueError(f"{folder}: {len(steps)} {name} files{limit}, {n} needed to average "
+                         f"(fairseq-train keeps them with {flags})")
+    return [found[u] for u in steps[-n:]]
 
 
 def average_states(paths: Sequence[str]) -> dict:
@@ -83,16 +88,20 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inputs", nargs="+", help="checkpoint files to average")
     src.add_argument("--dir", help="a fairseq-train --save-dir with interval checkpoints (checkpoint_E_U.pt)")
-    p.add_argument("--last-updates", type=int, default=5, metavar="N",
-                   help="with --dir: average the N interval checkpoints with the most updates")
-    p.add_argument("--up-to", type=int, metavar="U", help="with --dir: only checkpoints of at most U updates")
+    last = p.add_mutually_exclusive_group()
+    last.add_argument("--last-updates", type=int, metavar="N",
+                      help="with --dir: average the N interval checkpoints (checkpoint_E_U.pt) with the most updates "
+                      "(the default, N = 5)")
+    last.add_argument("--last-epochs", type=int, metavar="N", help="with --dir: average the N latest checkpointE.pt")
+    p.add_argument("--up-to", type=int, metavar="U", help="with --dir: only checkpoints of at most U updates (epochs)")
     p.add_argument("--output", required=True, help="where the averaged checkpoint is written")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    if args.last_updates < 1:
-        p.error(f"--last-updates {args.last_updates}: expected 1 or more")
+    kind, n = ("epochs", args.last_epochs) if args.last_epochs is not None else ("updates", args.last_updates or 5)
+    if n < 1:
+        p.error(f"--last-{kind} {n}: expected 1 or more")
     try:
-        paths = args.inputs or last_interval_checkpoints(args.dir, args.last_updates, args.up_to)
+        paths = args.inputs or last_checkpoints(args.dir, n, kind, args.up_to)
         for path in paths:
             if not os.path.isfile(path):
                 raise ValueError(f"--inputs: {path} is not a file")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import elmer_fairseq  # noqa: F401  (allow-lists fairseq's checkpoint types)
-from elmer_fairseq.average_checkpoints import average_states, last_interval_checkpoints
+from elmer_fairseq.average_checkpoints import average_states, last_checkpoints
 
 
 def _save(path, w, step, half, extra="x"):
@@ -29,13 +29,18 @@ def test_average_by_hand(tmp_path):
     assert state["extra_state"]["note"] == "third" and state["averaged_from"] == [os.path.abspath(p) for p in (a, b, c)]
 
 
-def test_last_interval_checkpoints_picks_by_updates_not_by_name(tmp_path):
+def test_last_checkpoints_pick_by_number_not_by_name(tmp_path):
     paths = {u: _save(tmp_path / f"checkpoint_{e}_{u}.pt", [float(u)], u, [0.0]) for e, u in ((1, 90), (1, 100), (2, 1000))}
+    epochs = {e: _save(tmp_path / f"checkpoint{e}.pt", [float(e)], e, [0.0]) for e in (2, 9, 10)}
     _save(tmp_path / "checkpoint_last.pt", [0.0], 0, [0.0])
-    assert last_interval_checkpoints(str(tmp_path), 2) == [paths[100], paths[1000]]
-    assert last_interval_checkpoints(str(tmp_path), 2, up_to=100) == [paths[90], paths[100]]
+    _save(tmp_path / "checkpoint_best.pt", [0.0], 0, [0.0])
+    assert last_checkpoints(str(tmp_path), 2) == [paths[100], paths[1000]]
+    assert last_checkpoints(str(tmp_path), 2, up_to=100) == [paths[90], paths[100]]
+    assert last_checkpoints(str(tmp_path), 2, "epochs") == [epochs[9], epochs[10]]
     with pytest.raises(ValueError, match="2 checkpoint_<epoch>_<updates>.pt files at or before 100 updates, 3 needed"):
-        last_interval_checkpoints(str(tmp_path), 3, up_to=100)
+        last_checkpoints(str(tmp_path), 3, up_to=100)
+    with pytest.raises(ValueError, match="3 checkpoint<epoch>.pt files, 4 needed .*--keep-last-epochs"):
+        last_checkpoints(str(tmp_path), 4, "epochs")
 
 
 def test_mismatched_checkpoints_are_refused_by_name(tmp_path):
