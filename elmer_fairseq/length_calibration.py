@@ -201,7 +201,7 @@ def main(argv=None):
     print(f"chosen --{option} {chosen}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({option.replace("-", "_"): chosen, "rule": args.rule, "subset": args.subset, "sentences": args.sentences,
+            json.dump({option.replace("-", "_"): chosen, "checkpoint": args.path, "rule": args.rule, "subset": args.subset, "sentences": args.sentences,
                        "target_ratio": args.target_ratio, "collapse_repeats": args.collapse_repeats,
                        "no_repeat_neighbours": args.no_repeat_neighbours, "unit": args.unit,
                        "table": {str(k): {f"hyp_{args.unit}": v[0], f"ref_{args.unit}": v[1]} for k, v in table.items()}}, f, indent=1)

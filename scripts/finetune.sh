@@ -29,6 +29,8 @@
 #                  (defaults measured on debsum valid: the best R-L with the output/reference length ratio in
 #                  0.9-1.1, README "Quality on real data"; the calibration counts words with a sentencepiece
 #                  vocabulary, pieces with GPT-2 BPE)
+#   AVERAGE_LAST   5 (default): generate (and calibrate) with the mean weights of the last 5 epoch checkpoints
+#                  (elmer-average-checkpoints --last-epochs; fewer if fewer epochs ran, said); 1: checkpoint_best.pt
 #   BATCH (20), UPDATE_FREQ (1), MAX_EPOCH (50), MAX_UPDATE (0 = no limit), MAX_SOURCE (512)
 #   DATA_ROOT (data-bin), SAVE_DIR (checkpoints/$DATASET), CPU (1: train and generate on CPU),
 #   WORDNET (a WordNet dict folder, for METEOR), EXTRA_TRAIN_FLAGS
@@ -99,7 +101,7 @@ train() {
     --batch-size "${BATCH:-20}" --update-freq "${UPDATE_FREQ:-1}" --max-epoch "${MAX_EPOCH:-50}" \
     --max-update "${MAX_UPDATE:-0}" "${init[@]}" \
     --eval-rouge "${post[@]}" --best-checkpoint-metric rougeL --maximize-best-checkpoint-metric \
-    --save-dir "$SAVE" --keep-last-epochs 2 --seed 1 --num-workers 0 --log-format simple \
+    --save-dir "$SAVE" --keep-last-epochs "$(( ${AVERAGE_LAST:-5} > 2 ? ${AVERAGE_LAST:-5} : 2 ))" --seed 1 --num-workers 0 --log-format simple \
     --log-interval "${LOG_INTERVAL:-100}" "${DEVICE[@]}" ${EXTRA_TRAIN_FLAGS:-} 2>&1 | tee -a "$SAVE/train.log" \
     | grep -E "\| (train|valid) \||done training|Error"
 }
@@ -117,8 +119,23 @@ generate() {
     first-eos) option=--eos-penalty; knob=${EOS_PENALTY:-calibrate}; key=eos_penalty ;;
     *) echo "LENGTH_RULE=$rule: expected quantile or first-eos" >&2; exit 2 ;;
   esac
+  local ckpt=$SAVE/checkpoint_best.pt average=${AVERAGE_LAST:-5} epochs
+  if [ "$average" -gt 1 ]; then
+    epochs=$(find "$SAVE" -maxdepth 1 -regex '.*/checkpoint[0-9]+\.pt' | wc -l)
+    if [ "$epochs" = 0 ]; then  # MAX_UPDATE stopped training inside the first epoch
+      echo "AVERAGE_LAST=$average: no epoch checkpoint (checkpointN.pt) in $SAVE; generating with checkpoint_best.pt"
+    else
+      if [ "$epochs" -lt "$average" ]; then
+        echo "AVERAGE_LAST=$average: $SAVE holds $epochs epoch checkpoints; averaging those $epochs"; average=$epochs
+      fi
+      python -m elmer_fairseq.average_checkpoints --dir "$SAVE" --last-epochs "$average" \
+        --output "$SAVE/checkpoint_avg.pt" > "$SAVE/average.log" 2>&1 || { tail -5 "$SAVE/average.log"; exit 1; }
+      ckpt=$SAVE/checkpoint_avg.pt
+      echo "generating with the mean of the last $average epoch checkpoints: $ckpt"
+    fi
+  fi
   if [ "$knob" = calibrate ]; then
-    python -m elmer_fairseq.length_calibration "$DATA" --path "$SAVE/checkpoint_best.pt" --subset train \
+    python -m elmer_fairseq.length_calibration "$DATA" --path "$ckpt" --subset train \
       --sentences "${CALIBRATION_PAIRS:-1000}" --json "$SAVE/length-calibration.json" "${DEVICE[@]}" "${rules[@]}" \
       --unit "$unit" --rule "$rule" --target-ratio "${TARGET_RATIO:-0.95}" \
       > "$SAVE/length-calibration.log" 2>&1 || { tail -5 "$SAVE/length-calibration.log"; exit 1; }
@@ -126,7 +143,7 @@ generate() {
     echo "$option $knob (chosen on training pairs: $SAVE/length-calibration.json)"
   fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
-    --path "$SAVE/checkpoint_best.pt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
+    --path "$ckpt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
     --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --length-rule "$rule" "$option" "$knob" \
     "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO
 
@@ -128,10 +129,11 @@ def test_recipe_end_to_end(dataset, tmp_path):
     # the defaults (GLAT, length quantile calibrated on train, distinct neighbours) on squad_qg; xsum: the
     # plain first </s> with repeats collapsed
     quality = dataset == "squad_qg"
-    env.update({"CALIBRATION_PAIRS": "20"} if quality else {"GLAT": "0", "LENGTH_RULE": "first-eos", "EOS_PENALTY": "0",
-                                                             "NEIGHBOURS": "0", "COLLAPSE": "1"})
+    # squad_qg: two whole epochs (45 pairs, batch 8), so that there are epoch checkpoints to average
+    env.update({"CALIBRATION_PAIRS": "20", "MAX_UPDATE": "0"} if quality else {"GLAT": "0", "LENGTH_RULE": "first-eos", "EOS_PENALTY": "0",
+                                                             "NEIGHBOURS": "0", "COLLAPSE": "1", "AVERAGE_LAST": "1"})
     for name in ("GLAT", "LENGTH_RULE", "LENGTH_QUANTILE", "EOS_PENALTY", "TARGET_RATIO", "COLLAPSE",
-                 "NEIGHBOURS") if quality else ():
+                 "NEIGHBOURS", "AVERAGE_LAST") if quality else ():
         env.pop(name, None)
     out = subprocess.run(["bash", f"scripts/{dataset}.sh", "all", str(raw)], cwd=REPO, env=env,
                          capture_output=True, text=True)
@@ -145,6 +147,14 @@ def test_recipe_end_to_end(dataset, tmp_path):
         flags = (tmp_path / "ckpt" / "generate-test.err").read_text()  # fairseq-generate logs its configuration
         assert "'length_rule': 'quantile'" in flags and f"'length_quantile': {chosen['length_quantile']}" in flags
         assert "glat_ratio" in (tmp_path / "ckpt" / "train.log").read_text()
+        # AVERAGE_LAST=5 by default: the run has fewer epoch checkpoints, says so and averages those
+        epochs = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint[0-9]*.pt"))
+        assert epochs == ["checkpoint1.pt", "checkpoint2.pt"] and f"holds {len(epochs)} epoch checkpoints; averaging those" in out.stdout
+        averaged = torch.load(tmp_path / "ckpt" / "checkpoint_avg.pt", weights_only=True)["averaged_from"]
+        assert sorted(os.path.basename(p) for p in averaged) == epochs
+        assert f"'path': '{tmp_path / 'ckpt' / 'checkpoint_avg.pt'}'" in flags and chosen["checkpoint"].endswith("checkpoint_avg.pt")
+    else:
+        assert not (tmp_path / "ckpt" / "checkpoint_avg.pt").exists()
     canvas = (tmp_path / "data-bin" / dataset / "canvas.env").read_text()
     assert re.search(r"CANVAS_A=0\nCANVAS_B=\d+", canvas)
     log = (tmp_path / "ckpt" / "train.log").read_text()
