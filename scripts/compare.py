@@ -88,6 +88,8 @@ ELMER_DECODES = {
 }
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
+    # the AR without dropout: the baseline under the students' --dropout 0 (a fairness check, not the baseline)
+    "ar-d0": (["--dropout", "0"], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
     "elmer-soft": (["--early-exit", "soft"], ELMER_DECODES),
     "elmer-soft-pad": (["--early-exit", "soft", "--post-eos", "pad"], ELMER_DECODES),
     "elmer-soft-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
@@ -219,11 +221,16 @@ def train_flags(args, name, max_update=None):
                               args.seed)
     common += ["--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
                "--no-epoch-checkpoints", "--log-interval", str(args.save_every)]
-    if name == "ar":
-        return AR_TRAIN + common
+    if is_ar(name):
+        return AR_TRAIN + common + extra
     if "--glat" in extra:
         extra = extra + ["--glat-anneal-updates", str(args.max_update)]
     return elmer_train_flags(canvas) + common + extra
+
+
+def is_ar(name):
+    """The fairseq transformer systems: the baseline, its variants (``ar-...``) and the trained-on teacher."""
+    return name == TEACHER or name == "ar" or name.startswith("ar-")
 
 
 def teacher_tag(args):
@@ -362,7 +369,7 @@ def generate(args, name, label, ckpt, tag=""):
                "--max-source-positions", "512", "--truncate-source", *flags,
                # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
                "--user-dir", os.path.join(REPO, "elmer_fairseq")]
-        if name not in ("ar", TEACHER):
+        if not is_ar(name):
             cmd += ["--task", "nat_early_exit"]
         else:  # the AR may write up to 3x the ELMER canvas (the p99 target length), never more
             with open(os.path.join(args.work, "bin", "canvas.json")) as f:
@@ -409,7 +416,7 @@ def bs1_ms(args, name, ckpt, tag=""):
     """Batch-1 median ms per sentence from scripts/benchmark.py (cached)."""
     out = os.path.join(folder(args, name), f"bs1{tag}.json")
     if not os.path.exists(out):
-        flag = {"ar": "--ar"}.get(name, "--elmer-soft")
+        flag = "--ar" if is_ar(name) else "--elmer-soft"
         cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--data", os.path.join(args.work, "bin"),
                "--split", "valid", flag, ckpt, "--max-sentences", str(args.bs1_sentences), "--warmup", "5",
                "--large-batch", "64", "--memory-batches", "--json", out, "--device", "cpu"]
@@ -570,7 +577,7 @@ def main(argv=None):
                 r["updates"] = args.at_update or args.max_update
                 r["averaged"] = args.average_last if suffix else 1
                 r["train_s"] = walls(args, name).get(r["updates"])
-                if name == "ar":
+                if is_ar(name):
                     r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
                 else:
                     r["bs1_ms"] = timing.get("ELMER soft")

@@ -254,3 +254,22 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
         compare.main([str(tmp_path), "--work", str(work), "--kd-nbest", "0"])
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path), "--work", str(work), "--kd-lenpen", "0"])
+
+
+def test_ar_without_dropout_is_the_ar_with_dropout_0_last(tmp_path):
+    """ar-d0 trains the same fairseq transformer as the baseline with --dropout 0 after the common
+    --dropout 0.1 (argparse keeps the last), on the original pairs, into WORK/ar-d0, and is decoded as an AR."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    args = argparse.Namespace(work=str(tmp_path), max_update=8, teacher_updates=8, size="tiny", lr=5e-4, warmup=4,
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0)
+    base, d0 = compare.train_flags(args, "ar"), compare.train_flags(args, "ar-d0")
+    assert d0 == base + ["--dropout", "0"] and base[base.index("--arch") + 1] == "transformer"
+    assert [d0[i + 1] for i, f in enumerate(d0) if f == "--dropout"] == ["0.1", "0"]
+    assert compare.folder(args, "ar-d0") == str(tmp_path / "ar-d0") and compare.data_dir(args, "ar-d0") == str(tmp_path / "bin")
+    assert compare.is_ar("ar-d0") and compare.is_ar(compare.TEACHER) and not compare.is_ar("elmer-soft-kd-glat-d0")
