@@ -42,9 +42,19 @@ def numbered_checkpoints(folder: str, kind: str = "updates") -> Dict[int, str]:
     return found
 
 
+def updates_of(path: str) -> int:
+    """The number of updates a fairseq checkpoint was saved at."""
+    return int(torch.load(path, map_location="cpu")["optimizer_history"][-1]["num_updates"])
+
+
 def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = None) -> List[str]:
-    """The ``n`` checkpoints of ``kind`` with the most updates (epochs), at most ``up_to``, oldest first."""
+    """The ``n`` checkpoints of ``kind`` with the most updates (epochs), at most ``up_to``, oldest first.
+    For ``updates``, ``checkpoint_last.pt`` counts at its own number of updates when no interval checkpoint
+    has it: fairseq writes no ``checkpoint_E_U.pt`` when update U also ends an epoch."""
     found = numbered_checkpoints(folder, kind)
+    last = os.path.join(folder, "checkpoint_last.pt")
+    if kind == "updates" and os.path.exists(last):
+        found.setdefault(updates_of(last), last)
     steps = sorted(u for u in found if up_to is None or u <= up_to)
     if len(steps) < n:
         _, name, flags = KINDS[kind]

@@ -13,7 +13,8 @@ from elmer_fairseq.average_checkpoints import average_states, last_checkpoints
 
 def _save(path, w, step, half, extra="x"):
     torch.save({"model": {"w": torch.tensor(w), "steps": torch.tensor(step), "h": torch.tensor(half, dtype=torch.float16)},
-                "cfg": {"common": {"seed": step}}, "extra_state": {"note": extra}}, path)
+                "cfg": {"common": {"seed": step}}, "extra_state": {"note": extra},
+                "optimizer_history": [{"num_updates": step}]}, path)
     return str(path)
 
 
@@ -32,7 +33,7 @@ def test_average_by_hand(tmp_path):
 def test_last_checkpoints_pick_by_number_not_by_name(tmp_path):
     paths = {u: _save(tmp_path / f"checkpoint_{e}_{u}.pt", [float(u)], u, [0.0]) for e, u in ((1, 90), (1, 100), (2, 1000))}
     epochs = {e: _save(tmp_path / f"checkpoint{e}.pt", [float(e)], e, [0.0]) for e in (2, 9, 10)}
-    _save(tmp_path / "checkpoint_last.pt", [0.0], 0, [0.0])
+    _save(tmp_path / "checkpoint_last.pt", [0.0], 1000, [0.0])  # the same update as checkpoint_2_1000.pt
     _save(tmp_path / "checkpoint_best.pt", [0.0], 0, [0.0])
     assert last_checkpoints(str(tmp_path), 2) == [paths[100], paths[1000]]
     assert last_checkpoints(str(tmp_path), 2, up_to=100) == [paths[90], paths[100]]
@@ -41,6 +42,16 @@ def test_last_checkpoints_pick_by_number_not_by_name(tmp_path):
         last_checkpoints(str(tmp_path), 3, up_to=100)
     with pytest.raises(ValueError, match="3 checkpoint<epoch>.pt files, 4 needed .*--keep-last-epochs"):
         last_checkpoints(str(tmp_path), 4, "epochs")
+
+
+def test_checkpoint_last_stands_for_an_update_that_ended_an_epoch(tmp_path):
+    """fairseq writes no checkpoint_E_U.pt when update U ends an epoch: checkpoint_last.pt stands in for it."""
+    four = _save(tmp_path / "checkpoint_1_4.pt", [1.0], 4, [0.0])
+    last = _save(tmp_path / "checkpoint_last.pt", [3.0], 8, [0.0])
+    assert last_checkpoints(str(tmp_path), 2, up_to=8) == [four, last]
+    assert average_states([four, last])["model"]["w"].item() == 2.0
+    with pytest.raises(ValueError, match="1 checkpoint_<epoch>_<updates>.pt files at or before 7 updates"):
+        last_checkpoints(str(tmp_path), 2, up_to=7)
 
 
 def test_mismatched_checkpoints_are_refused_by_name(tmp_path):

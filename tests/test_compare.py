@@ -156,7 +156,9 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     assert all(averaged[key]["ROUGE-L"] == r["ROUGE-L"] for key, r in rows.items())  # the last checkpoint, cached
     for system in ("ar", "elmer-soft-kd-glat"):
         state = torch.load(work / system / "checkpoint_avg2.pt", weights_only=True)
-        assert [p.rsplit("_", 1)[1] for p in state["averaged_from"]] == ["4.pt", "8.pt"]
+        # update 8 may also end an epoch: fairseq then writes no checkpoint_E_8.pt and checkpoint_last.pt stands in
+        first, second = (os.path.basename(p) for p in state["averaged_from"])
+        assert first.endswith("_4.pt") and (second.endswith("_8.pt") or second == "checkpoint_last.pt")
         assert all(r["checkpoint"].endswith("checkpoint_avg2.pt") == (r["averaged"] == 2)
                    for (s, _), r in averaged.items() if s == system)
 
