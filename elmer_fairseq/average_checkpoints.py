@@ -53,7 +53,7 @@ def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = No
     has it: fairseq writes no ``checkpoint_E_U.pt`` when update U also ends an epoch."""
     found = numbered_checkpoints(folder, kind)
     last = os.path.join(folder, "checkpoint_last.pt")
-    if kind == "updates" and os.path.exists(last):
+    if kind == "updates" and (up_to is None or up_to not in found) and os.path.exists(last):  # else it adds nothing
         found.setdefault(updates_of(last), last)
     steps = sorted(u for u in found if up_to is None or u <= up_to)
     if len(steps) < n:

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 
+from elmer_fairseq.average_checkpoints import numbered_checkpoints
 from elmer_fairseq.length_calibration import KNOBS
 from elmer_fairseq.model_sizes import size_flags
 
@@ -430,8 +431,7 @@ def bs1_ms(args, name, ckpt, tag=""):
 
 def interval_checkpoint(args, name, updates):
     """WORK/<name>/checkpoint_<epoch>_<updates>.pt, or None."""
-    found = [f for f in os.listdir(folder(args, name)) if f.endswith(f"_{updates}.pt")]
-    return os.path.join(folder(args, name), found[0]) if found else None
+    return numbered_checkpoints(folder(args, name)).get(updates)
 
 
 def averaged_checkpoint(args, name, up_to):
@@ -447,13 +447,9 @@ def averaged_checkpoint(args, name, up_to):
 
 def time_matched_checkpoint(args, name, budget_s):
     """The system's last interval checkpoint saved within ``budget_s`` seconds of training."""
-    wall = walls(args, name)
-    ok = [u for u, w in wall.items() if w <= budget_s and u % args.save_every == 0]
-    for u in sorted(ok, reverse=True):
-        ckpt = interval_checkpoint(args, name, u)
-        if ckpt:
-            return ckpt, u
-    return None, 0
+    wall, found = walls(args, name), numbered_checkpoints(folder(args, name))
+    ok = [u for u, w in wall.items() if w <= budget_s and u % args.save_every == 0 and u in found]
+    return (found[max(ok)], max(ok)) if ok else (None, 0)
 
 
 # ---------------------------------------------------------------- report
@@ -569,6 +565,7 @@ def main(argv=None):
             reads.append((averaged_checkpoint(args, name, args.at_update or args.max_update),
                           f"{tag} avg {args.average_last}".strip(), f", mean of the last {args.average_last} checkpoints"))
         _, decodes = SYSTEMS[name]
+        wall = walls(args, name)
         for read, read_tag, suffix in reads:
             for label in decodes:
                 r = generate(args, name, label, read, read_tag)
@@ -576,7 +573,7 @@ def main(argv=None):
                 r["decode"] = label + suffix
                 r["updates"] = args.at_update or args.max_update
                 r["averaged"] = args.average_last if suffix else 1
-                r["train_s"] = walls(args, name).get(r["updates"])
+                r["train_s"] = wall.get(r["updates"])
                 if is_ar(name):
                     r["bs1_ms"] = timing.get(f"AR {'beam 4' if label == 'beam 4' else 'greedy'} (fairseq transformer)")
                 else:
