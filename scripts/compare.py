@@ -26,7 +26,8 @@ Systems whose name contains ``kd`` train on the AR's beam-4 outputs for the trai
 With ``--teacher-updates N`` (N > ``--max-update``) the teacher is the same AR trained on to N updates
 (``WORK/ar-tN``, resumed from the baseline's last checkpoint: same size, data and schedule), its data
 ``WORK/bin-kd-tN``, and the students' folders ``WORK/<system>-tN``; the teacher's own beam-4 scores are a
-row of the table. The baseline every system is compared with stays the AR at ``--max-update``.
+row of the table. ``--teacher-system ar-d0`` makes the AR without dropout the teacher (folders
+``WORK/ar-d0-tN``, ``WORK/bin-kd-ar-d0-tN``, ``WORK/<system>-ar-d0-tN``). The baseline every system is compared with stays the AR at ``--max-update``.
 With ``--average-last N`` every system is also read with the mean weights of its last N interval checkpoints
 (``elmer-average-checkpoints``), next to its last checkpoint, in ``WORK/compare-avgN.{json,md}``.
 A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
@@ -235,9 +236,17 @@ def is_ar(name):
 
 
 def teacher_tag(args):
-    """'' when the AR baseline is the teacher, else '-tN' (the suffix of the teacher's, its data's and
-    its students' folders)."""
-    return "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"
+    """The suffix of the teacher's data and students' folders: '' when the AR baseline itself is the
+    teacher; '-<system>' for another AR system as teacher (--teacher-system, e.g. '-ar-d0'); '-tN' when
+    the teacher is trained on to N updates."""
+    return ("" if args.teacher_system == "ar" else f"-{args.teacher_system}") + (
+        "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}")
+
+
+def teacher_folder(args):
+    """WORK/<teacher system>, or WORK/<teacher system>-tN when trained on to N updates."""
+    return os.path.join(args.work, args.teacher_system + (
+        "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"))
 
 
 def kd_tag(args):
@@ -251,7 +260,7 @@ def kd_tag(args):
 def folder(args, name):
     """WORK/<name>, with the teacher's suffix for the kd systems; TEACHER: the teacher trained on."""
     if name == TEACHER:
-        return os.path.join(args.work, "ar" + teacher_tag(args))
+        return teacher_folder(args)
     return os.path.join(args.work, name + (kd_tag(args) if "kd" in name else ""))
 
 
@@ -278,16 +287,17 @@ def train(args, name):
 
 
 def train_teacher(args):
-    """WORK/ar-tN: the AR baseline trained on from its last checkpoint to --teacher-updates (fairseq-train
-    restores the model, optimizer, learning-rate schedule and data position from checkpoint_last.pt)."""
-    save = os.path.join(args.work, "ar" + teacher_tag(args))
+    """WORK/<system>-tN: the teacher system (--teacher-system, an AR) trained on from its last checkpoint to
+    --teacher-updates (fairseq-train restores the model, optimizer, learning-rate schedule and data
+    position from checkpoint_last.pt)."""
+    save = teacher_folder(args)
     if os.path.exists(os.path.join(save, "done")):
         return
     shutil.rmtree(save, ignore_errors=True)
     os.makedirs(save)
-    shutil.copy(os.path.join(args.work, "ar", "checkpoint_last.pt"), os.path.join(save, "checkpoint_last.pt"))
+    shutil.copy(os.path.join(args.work, args.teacher_system, "checkpoint_last.pt"), os.path.join(save, "checkpoint_last.pt"))
     cmd = [tool("fairseq-train"), os.path.join(args.work, "bin"), "--save-dir", save,
-           *train_flags(args, "ar", max_update=args.teacher_updates),
+           *train_flags(args, args.teacher_system, max_update=args.teacher_updates),
            # --user-dir allow-lists fairseq's checkpoint types for torch.load (the resume reads one)
            "--user-dir", os.path.join(REPO, "elmer_fairseq")]
     t0 = time.time()
@@ -315,7 +325,8 @@ def distill(args):
         canvas = json.load(f)["canvas_len_b"]
     # the teacher writes at most what the student's canvas holds (longer targets would be truncated
     # in training): a looping teacher's beam search would otherwise run to 128 pieces
-    env = dict(os.environ, TEACHER=os.path.join(args.work, "ar" + teacher_tag(args), "checkpoint_last.pt"), OUT=kd, MAX_LEN_B=str(canvas),
+    env = dict(os.environ, TEACHER=os.path.join(teacher_folder(args), "checkpoint_last.pt"), OUT=kd,
+               MAX_LEN_B=str(canvas),
                NBEST=str(args.kd_nbest), LENPEN=f"{args.kd_lenpen:g}",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
@@ -497,6 +508,9 @@ def main(argv=None):
     p.add_argument("--teacher-updates", type=int, metavar="N",
                    help="the kd systems' teacher: the AR trained on from --max-update to N updates (default: the "
                    "AR baseline itself, N = --max-update); students still train --max-update updates")
+    p.add_argument("--teacher-system", default="ar", choices=[n for n in SYSTEMS if is_ar(n)],
+                   help="the kd systems' teacher: this AR system (trained as in --systems, then on to "
+                   "--teacher-updates); other than 'ar', its name is in the data's and students' folders")
     p.add_argument("--kd-nbest", type=int, default=1, metavar="N",
                    help="the kd systems' targets: of the teacher's N best beam outputs, the one nearest the training "
                    "reference (scripts/distill.sh NBEST=N; data WORK/bin-kd...-best-of-N, students WORK/<system>...-best-of-N); "
@@ -525,20 +539,21 @@ def main(argv=None):
     if unknown:
         p.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
     if "ar" not in names:
-        names.insert(0, "ar")  # the baseline, and the teacher of the kd systems
-    trained_on = teacher_tag(args) and any("kd" in n for n in names)
+        names.insert(0, "ar")  # the baseline (and by default the teacher of the kd systems)
+    kd = any("kd" in n for n in names)
+    if kd and args.teacher_system != "ar":  # trained right after the baseline, before any student
+        names = [names[0], args.teacher_system] + [n for n in names[1:] if n != args.teacher_system]
+    trained_on = kd and args.teacher_updates != args.max_update
     if trained_on:
-        names.insert(names.index("ar") + 1, TEACHER)
+        names.insert(names.index(args.teacher_system) + 1, TEACHER)
     os.makedirs(args.work, exist_ok=True)
 
     prepare(args)
     rows = []
     if args.at_update is None:
-        train(args, "ar")
-        if trained_on:
-            train_teacher(args)
-        for name in names:
-            if name in ("ar", TEACHER):
+        for name in names:  # the teacher system, then the teacher, before the kd systems
+            if name == TEACHER:
+                train_teacher(args)
                 continue
             if "kd" in name:
                 distill(args)
@@ -550,7 +565,7 @@ def main(argv=None):
         ckpt = os.path.join(folder(args, name), "checkpoint_last.pt")
         if name == TEACHER:  # read at its last checkpoint, also with --at-update; not timed (the AR's model)
             r = generate(args, name, "beam 4", ckpt)
-            r.update(system=f"ar, {args.teacher_updates} updates (teacher)", updates=args.teacher_updates)
+            r.update(system=f"{args.teacher_system}, {args.teacher_updates} updates (teacher)", updates=args.teacher_updates)
             rows.append(r)
             continue
         tag = "" if args.at_update is None else f"at {args.at_update}"

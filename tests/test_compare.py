@@ -220,7 +220,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0)
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     compare.train_teacher(args)
     cmd, _ = calls[0]
     assert (work / "ar-t20" / "checkpoint_last.pt").read_bytes() == b"baseline"
@@ -233,7 +233,8 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     assert compare.folder(args, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20")
     assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
     assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
-    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1, kd_lenpen=1.0)
+    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1, kd_lenpen=1.0,
+                              teacher_system="ar")
     assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
     # --kd-nbest 4: the same teacher writes its 4 best, the targets and students get their own folders
     best = argparse.Namespace(**{**vars(args), "kd_nbest": 4})
@@ -269,9 +270,50 @@ def test_ar_without_dropout_is_the_ar_with_dropout_0_last(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
     args = argparse.Namespace(work=str(tmp_path), max_update=8, teacher_updates=8, size="tiny", lr=5e-4, warmup=4,
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0)
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     base, d0 = compare.train_flags(args, "ar"), compare.train_flags(args, "ar-d0")
     assert d0 == base + ["--dropout", "0"] and base[base.index("--arch") + 1] == "transformer"
     assert [d0[i + 1] for i, f in enumerate(d0) if f == "--dropout"] == ["0.1", "0"]
     assert compare.folder(args, "ar-d0") == str(tmp_path / "ar-d0") and compare.data_dir(args, "ar-d0") == str(tmp_path / "bin")
     assert compare.is_ar("ar-d0") and compare.is_ar(compare.TEACHER) and not compare.is_ar("elmer-soft-kd-glat-d0")
+
+
+def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folders(tmp_path, monkeypatch):
+    """--teacher-system ar-d0: the teacher is WORK/ar-d0's last checkpoint trained on with ar-d0's flags
+    (--dropout 0 last) into WORK/ar-d0-tN; its data and students carry '-ar-d0-tN'; without
+    --teacher-updates the teacher is WORK/ar-d0 itself."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    work = tmp_path / "work"
+    for name, content in (("ar", b"baseline"), ("ar-d0", b"no dropout")):
+        (work / name).mkdir(parents=True)
+        (work / name / "checkpoint_last.pt").write_bytes(content)
+    (work / "bin").mkdir()
+    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    calls = []
+
+    def run(cmd, out=None, env=None):
+        calls.append((cmd, env))
+        if env and "OUT" in env:
+            os.makedirs(env["OUT"])
+
+    monkeypatch.setattr(compare, "run", run)
+    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                              max_tokens=4096, save_every=4, seed=1, kd_nbest=4, kd_lenpen=1.0, teacher_system="ar-d0")
+    compare.train_teacher(args)
+    cmd, _ = calls[0]
+    assert (work / "ar-d0-t20" / "checkpoint_last.pt").read_bytes() == b"no dropout"
+    assert cmd[cmd.index("--save-dir") + 1] == str(work / "ar-d0-t20") and cmd[cmd.index("--max-update") + 1] == "20"
+    assert [cmd[i + 1] for i, f in enumerate(cmd) if f == "--dropout"][-1] == "0"
+    compare.distill(args)
+    _, env = calls[1]
+    assert env["TEACHER"] == str(work / "ar-d0-t20" / "checkpoint_last.pt")
+    assert env["OUT"] == str(work / "bin-kd-ar-d0-t20-best-of-4")
+    assert compare.folder(args, "elmer-soft-kd-glat-d0") == str(work / "elmer-soft-kd-glat-d0-ar-d0-t20-best-of-4")
+    assert compare.folder(args, compare.TEACHER) == str(work / "ar-d0-t20") and compare.folder(args, "ar") == str(work / "ar")
+    itself = argparse.Namespace(**{**vars(args), "teacher_updates": 8, "kd_nbest": 1})
+    assert compare.folder(itself, compare.TEACHER) == str(work / "ar-d0")
+    assert compare.data_dir(itself, "elmer-soft-kd-glat") == str(work / "bin-kd-ar-d0")
