@@ -47,8 +47,10 @@ def updates_of(path: str) -> int:
     return int(torch.load(path, map_location="cpu")["optimizer_history"][-1]["num_updates"])
 
 
-def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = None) -> List[str]:
-    """The ``n`` checkpoints of ``kind`` with the most updates (epochs), at most ``up_to``, oldest first.
+def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = None,
+                     at_most: bool = False) -> List[str]:
+    """The ``n`` checkpoints of ``kind`` with the most updates (epochs), at most ``up_to``, oldest first;
+    with ``at_most``, all of them when fewer than ``n`` exist (none: ``[]``) instead of an error.
     For ``updates``, ``checkpoint_last.pt`` counts at its own number of updates when no interval checkpoint
     has it: fairseq writes no ``checkpoint_E_U.pt`` when update U also ends an epoch."""
     found = numbered_checkpoints(folder, kind)
@@ -56,7 +58,7 @@ def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = No
     if kind == "updates" and (up_to is None or up_to not in found) and os.path.exists(last):  # else it adds nothing
         found.setdefault(updates_of(last), last)
     steps = sorted(u for u in found if up_to is None or u <= up_to)
-    if len(steps) < n:
+    if len(steps) < n and not at_most:
         _, name, flags = KINDS[kind]
         limit = "" if up_to is None else f" at or before {up_to} {kind}"
         raise ValueError(f"{folder}: {len(steps)} {name} files{limit}, {n} needed to average "
@@ -104,14 +106,26 @@ def main(argv=None):
                       "(the default, N = 5)")
     last.add_argument("--last-epochs", type=int, metavar="N", help="with --dir: average the N latest checkpointE.pt")
     p.add_argument("--up-to", type=int, metavar="U", help="with --dir: only checkpoints of at most U updates (epochs)")
+    p.add_argument("--at-most", action="store_true",
+                   help="with --dir: average all of them when fewer than N exist (said in the log); when none "
+                   "exists, write no --output and exit 0 (the caller falls back to another checkpoint)")
     p.add_argument("--output", required=True, help="where the averaged checkpoint is written")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     kind, n = ("epochs", args.last_epochs) if args.last_epochs is not None else ("updates", args.last_updates or 5)
     if n < 1:
         p.error(f"--last-{kind} {n}: expected 1 or more")
+    if args.at_most and not args.dir:
+        p.error("--at-most: expected --dir (it caps how many of a folder's checkpoints are averaged)")
     try:
-        paths = args.inputs or last_checkpoints(args.dir, n, kind, args.up_to)
+        paths = args.inputs or last_checkpoints(args.dir, n, kind, args.up_to, args.at_most)
+        if not paths:
+            logger.warning("--at-most: no %s in %s; nothing averaged, %s not written", KINDS[kind][1], args.dir,
+                           args.output)
+            return
+        if len(paths) < n:
+            logger.warning("--last-%s %d --at-most: %s holds %d %s; averaging those", kind, n, args.dir, len(paths),
+                           KINDS[kind][1])
         for path in paths:
             if not os.path.isfile(path):
                 raise ValueError(f"--inputs: {path} is not a file")

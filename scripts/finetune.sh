@@ -119,19 +119,19 @@ generate() {
     first-eos) option=--eos-penalty; knob=${EOS_PENALTY:-calibrate}; key=eos_penalty ;;
     *) echo "LENGTH_RULE=$rule: expected quantile or first-eos" >&2; exit 2 ;;
   esac
-  local ckpt=$SAVE/checkpoint_best.pt average=${AVERAGE_LAST:-5} epochs
+  local ckpt=$SAVE/checkpoint_best.pt average=${AVERAGE_LAST:-5}
   if [ "$average" -gt 1 ]; then
-    epochs=$(find "$SAVE" -maxdepth 1 -regex '.*/checkpoint[0-9]+\.pt' | wc -l)
-    if [ "$epochs" = 0 ]; then  # MAX_UPDATE stopped training inside the first epoch
-      echo "AVERAGE_LAST=$average: no epoch checkpoint (checkpointN.pt) in $SAVE; generating with checkpoint_best.pt"
-    else
-      if [ "$epochs" -lt "$average" ]; then
-        echo "AVERAGE_LAST=$average: $SAVE holds $epochs epoch checkpoints; averaging those $epochs"; average=$epochs
-      fi
-      python -m elmer_fairseq.average_checkpoints --dir "$SAVE" --last-epochs "$average" \
-        --output "$SAVE/checkpoint_avg.pt" > "$SAVE/average.log" 2>&1 || { tail -5 "$SAVE/average.log"; exit 1; }
+    # fewer epoch checkpoints than AVERAGE_LAST: all of them; none (MAX_UPDATE stopped training inside
+    # the first epoch): no output, checkpoint_best.pt (the module says which)
+    rm -f "$SAVE/checkpoint_avg.pt"
+    python -m elmer_fairseq.average_checkpoints --dir "$SAVE" --last-epochs "$average" --at-most \
+      --output "$SAVE/checkpoint_avg.pt" > "$SAVE/average.log" 2>&1 || { tail -5 "$SAVE/average.log"; exit 1; }
+    grep -h "WARNING" "$SAVE/average.log" | sed -E 's/^.*WARNING[ |:]+[^ |:]+[ |:]+/AVERAGE_LAST: /'
+    if [ -f "$SAVE/checkpoint_avg.pt" ]; then
       ckpt=$SAVE/checkpoint_avg.pt
-      echo "generating with the mean of the last $average epoch checkpoints: $ckpt"
+      echo "generating with the mean of the last epoch checkpoints (at most $average): $ckpt"
+    else
+      echo "generating with $ckpt"
     fi
   fi
   if [ "$knob" = calibrate ]; then

@@ -72,3 +72,21 @@ def test_cli_writes_a_checkpoint_that_loads_weights_only(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "elmer_fairseq.average_checkpoints", "--inputs", str(tmp_path / "nope.pt"),
                           "--output", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--inputs: " in bad.stderr and "nope.pt is not a file" in bad.stderr
+
+
+def test_cli_at_most_averages_what_there_is_and_writes_nothing_for_none(tmp_path):
+    """--at-most: fewer checkpoints than asked are all averaged (said); none: no output, exit 0 (said);
+    without --dir it is refused by name."""
+    cmd = [sys.executable, "-m", "elmer_fairseq.average_checkpoints", "--dir", str(tmp_path), "--last-epochs", "5",
+           "--at-most", "--output", str(tmp_path / "avg.pt")]
+    none = subprocess.run(cmd, capture_output=True, text=True)
+    assert none.returncode == 0 and "nothing averaged" in none.stderr and not (tmp_path / "avg.pt").exists()
+    for e, w in ((1, 1.0), (2, 2.0), (3, 6.0)):
+        _save(tmp_path / f"checkpoint{e}.pt", [w], e, [0.0])
+    fewer = subprocess.run(cmd, capture_output=True, text=True)
+    assert fewer.returncode == 0 and "holds 3 checkpoint<epoch>.pt; averaging those" in fewer.stderr
+    assert torch.load(tmp_path / "avg.pt", weights_only=True)["model"]["w"].item() == 3.0
+    assert last_checkpoints(str(tmp_path), 2, "epochs", at_most=True) == [str(tmp_path / f"checkpoint{e}.pt") for e in (2, 3)]
+    bad = subprocess.run(cmd[:3] + ["--inputs", str(tmp_path / "checkpoint1.pt"), "--at-most", "--output", "x.pt"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--at-most: expected --dir" in bad.stderr

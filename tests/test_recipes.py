@@ -149,7 +149,7 @@ def test_recipe_end_to_end(dataset, tmp_path):
         assert "glat_ratio" in (tmp_path / "ckpt" / "train.log").read_text()
         # AVERAGE_LAST=5 by default: the run has fewer epoch checkpoints, says so and averages those
         epochs = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint[0-9]*.pt"))
-        assert epochs == ["checkpoint1.pt", "checkpoint2.pt"] and f"holds {len(epochs)} epoch checkpoints; averaging those" in out.stdout
+        assert epochs == ["checkpoint1.pt", "checkpoint2.pt"] and f"holds {len(epochs)} checkpoint<epoch>.pt; averaging those" in out.stdout
         averaged = torch.load(tmp_path / "ckpt" / "checkpoint_avg.pt", weights_only=True)["averaged_from"]
         assert sorted(os.path.basename(p) for p in averaged) == epochs
         assert f"'path': '{tmp_path / 'ckpt' / 'checkpoint_avg.pt'}'" in flags and chosen["checkpoint"].endswith("checkpoint_avg.pt")
