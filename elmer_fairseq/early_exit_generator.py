@@ -13,7 +13,7 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import LastLayerExit, banned_tokens
+from .exit_policies import LastLayerExit, banned_tokens, fill_banned_
 from .exit_strategies import strategy_of
 
 LENGTH_RULES = ("first-eos", "mode", "median", "quantile")
@@ -56,8 +56,7 @@ def best_tokens(logits, banned, eos=None, k=0):
     dimension of size ``k``, best first)."""
     log_norm = torch.logsumexp(logits, dim=-1)
     eos_scores = logits[..., eos] - log_norm if eos is not None else None
-    banned = list(banned) + ([eos] if eos is not None else [])
-    logits = logits.index_fill_(-1, logits.new_tensor(banned, dtype=torch.long), float("-inf"))
+    logits = fill_banned_(logits, list(banned) + ([eos] if eos is not None else []))
     if k > 0:
         best, tokens = logits.topk(k, dim=-1)
         log_norm = log_norm[..., None]

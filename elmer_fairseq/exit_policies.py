@@ -35,10 +35,27 @@ def banned_tokens(dictionary):
 
 
 def ban_tokens(scores, banned):
-    """``scores`` (..., V) with the ``banned`` token ids set to -inf: never chosen by an argmax."""
+    """``scores`` (..., V) with the ``banned`` token ids set to -inf: never chosen by an argmax (a copy;
+    one slice fill per id, so no index tensor is built and copied to the device on every call)."""
     if not banned:
         return scores
-    return scores.index_fill(-1, scores.new_tensor(banned, dtype=torch.long), float("-inf"))
+    return fill_banned_(scores.clone(), banned)
+
+
+def fill_banned_(scores, banned):
+    """``scores[..., b] = -inf`` in place for each of the (few) ``banned`` ids; returns ``scores``."""
+    for b in banned:
+        scores[..., b] = float("-inf")
+    return scores
+
+
+def not_banned(ids, banned):
+    """``ids`` is none of the (few) ``banned`` ids: one comparison with a Python int per id, no index
+    tensor on the device (``torch.isin`` would need one, copied from the host on every layer)."""
+    ok = torch.ones_like(ids, dtype=torch.bool)
+    for b in banned:
+        ok &= ids.ne(b)
+    return ok
 
 
 def allowed_argmax(scores, banned):
@@ -49,7 +66,7 @@ def allowed_argmax(scores, banned):
     if not banned:
         return scores.argmax(-1)
     values, ids = scores.topk(len(banned) + 1, dim=-1)
-    ok = ~torch.isin(ids, ids.new_tensor(banned))
+    ok = not_banned(ids, banned)
     best = values.masked_fill(~ok, float("-inf")).amax(-1, keepdim=True)
     return torch.where(ok & values.eq(best), ids, scores.size(-1)).amin(-1)
 

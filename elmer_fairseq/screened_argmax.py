@@ -25,7 +25,7 @@ within fp32 rounding of each other (~1e-6 relative).
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import ban_tokens
+from .exit_policies import ban_tokens, fill_banned_
 
 ROUNDING = 2.0**-7 + 2.0**-8 + 2.0**-12
 MAX_DIM = 4096  # the accumulation term of ROUNDING (C 2^-24 <= 2^-12) holds up to this width
@@ -77,8 +77,7 @@ def screened_argmax(x, weight, low, max_row_norm, banned=(), k=16, stats=None):
     if flat.size(0) == 0:
         return flat.new_zeros(shape, dtype=torch.long)
     approx = F.linear(flat.to(torch.bfloat16), low).float()
-    if banned:
-        approx[:, list(banned)] = float("-inf")
+    fill_banned_(approx, banned)
     norm = flat.norm(dim=-1)
     bound = ROUNDING * max_row_norm * norm  # |approx - exact| for every id, per position
     top, ids = approx.topk(min(k, approx.size(-1)), dim=-1)

@@ -162,6 +162,12 @@ def test_allowed_argmax_equals_ban_then_argmax():
     assert torch.equal(got, ban_tokens(scores, banned).argmax(-1))
     assert got[2, 2] == 7 and not torch.isin(got, torch.tensor(banned)).any()
     assert torch.equal(allowed_argmax(scores, []), scores.argmax(-1))
+    # ban_tokens against a mask built independently; the input is left as it was
+    before = scores.clone()
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[banned] = True
+    assert torch.equal(ban_tokens(scores, banned), scores.masked_fill(mask, float("-inf")))
+    assert torch.equal(scores, before)
 
 
 def test_autocast_bf16_option_keeps_the_loss_and_fp32_gradients(task):
