@@ -43,8 +43,8 @@ def numbered_checkpoints(folder: str, kind: str = "updates") -> Dict[int, str]:
 
 
 def updates_of(path: str) -> int:
-    """The number of updates a fairseq checkpoint was saved at."""
-    return int(torch.load(path, map_location="cpu")["optimizer_history"][-1]["num_updates"])
+    """The number of updates a fairseq checkpoint was saved at (memory-mapped: the tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True)["optimizer_history"][-1]["num_updates"])
 
 
 def last_checkpoints(folder: str, n: int, kind: str = "updates", up_to: int = None,
