@@ -28,6 +28,9 @@ With ``--teacher-updates N`` (N > ``--max-update``) the teacher is the same AR t
 ``WORK/bin-kd-tN``, and the students' folders ``WORK/<system>-tN``; the teacher's own beam-4 scores are a
 row of the table. ``--teacher-system ar-d0`` makes the AR without dropout the teacher (folders
 ``WORK/ar-d0-tN``, ``WORK/bin-kd-ar-d0-tN``, ``WORK/<system>-ar-d0-tN``). The baseline every system is compared with stays the AR at ``--max-update``.
+``--student-lr``/``--student-warmup`` give the ELMER systems their own learning rate and warm-up (folders
+``WORK/<system>...-lrLR-wuW``) while the AR systems and the teacher keep ``--lr``/``--warmup``, in the same run.
+``--elmer-decode LABEL`` (repeatable) reads the ELMER systems with those decodes only (default: all of them).
 With ``--average-last N`` every system is also read with the mean weights of its last N interval checkpoints
 (``elmer-average-checkpoints``), next to its last checkpoint, in ``WORK/compare-avgN.{json,md}``.
 A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
@@ -215,11 +218,26 @@ def elmer_train_flags(canvas):
     return ELMER_TRAIN + ["--canvas-len-a", str(canvas["canvas_len_a"]), "--canvas-len-b", str(canvas["canvas_len_b"])]
 
 
+def schedule(args, name):
+    """(learning rate, warm-up updates) of a system: --lr/--warmup for the AR systems, --student-lr/
+    --student-warmup (by default the same) for the ELMER systems."""
+    if is_ar(name):
+        return args.lr, args.warmup
+    return args.student_lr, args.student_warmup
+
+
+def schedule_tag(args):
+    """The suffix of the ELMER systems' folders when their schedule is not the AR's: '-lr<LR>-wu<W>'."""
+    if (args.student_lr, args.student_warmup) == (args.lr, args.warmup):
+        return ""
+    return f"-lr{args.student_lr:g}-wu{args.student_warmup}"
+
+
 def train_flags(args, name, max_update=None):
     extra, _ = SYSTEMS[name]
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
         canvas = json.load(f)
-    common = base_train_flags(args.size, args.max_tokens, max_update or args.max_update, args.lr, args.warmup,
+    common = base_train_flags(args.size, args.max_tokens, max_update or args.max_update, *schedule(args, name),
                               args.seed)
     common += ["--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
                "--no-epoch-checkpoints", "--log-interval", str(args.save_every)]
@@ -258,10 +276,12 @@ def kd_tag(args):
 
 
 def folder(args, name):
-    """WORK/<name>, with the teacher's suffix for the kd systems; TEACHER: the teacher trained on."""
+    """WORK/<name>, with the teacher's suffix for the kd systems and the students' schedule's
+    (--student-lr/--student-warmup) for the ELMER systems; TEACHER: the teacher trained on."""
     if name == TEACHER:
         return teacher_folder(args)
-    return os.path.join(args.work, name + (kd_tag(args) if "kd" in name else ""))
+    return os.path.join(args.work, name + (kd_tag(args) if "kd" in name else "")
+                        + ("" if is_ar(name) else schedule_tag(args)))
 
 
 def data_dir(args, name):
@@ -362,6 +382,15 @@ def mix(args):
 
 
 # ---------------------------------------------------------------- generation and scores
+
+def elmer_decodes(args, name):
+    """The decode labels a system is read with: the AR's all; an ELMER system's those of --elmer-decode
+    (in ELMER_DECODES' order), all if none was given."""
+    _, decodes = spec(name)
+    if is_ar(name) or not args.elmer_decode:
+        return list(decodes)
+    return [label for label in decodes if label in args.elmer_decode]
+
 
 def generate(args, name, label, ckpt, tag=""):
     """fairseq-generate on valid; returns the score record (cached as JSON next to the output)."""
@@ -491,8 +520,17 @@ def main(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size of every system")
     p.add_argument("--max-update", type=int, default=1800, help="training updates of every system")
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=1000, help="inverse_sqrt warm-up updates")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of every system (the ELMER systems: "
+                   "see --student-lr)")
+    p.add_argument("--warmup", type=int, default=1000, help="inverse_sqrt warm-up updates (ELMER: see --student-warmup)")
+    p.add_argument("--student-lr", type=float, metavar="LR",
+                   help="peak learning rate of the ELMER systems only (default --lr); the AR systems and the teacher "
+                   "keep --lr, so one run compares the AR at its schedule with ELMER at its own (folders ...-lrLR-wuW)")
+    p.add_argument("--elmer-decode", action="append", choices=list(ELMER_DECODES), metavar="LABEL",
+                   help="read the ELMER systems with this decode only (repeatable; default: every decode): one of "
+                   + "; ".join(f"'{label}'" for label in ELMER_DECODES))
+    p.add_argument("--student-warmup", type=int, metavar="W",
+                   help="warm-up updates of the ELMER systems only (default --warmup)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100, help="interval checkpoints, for the time-matched column")
     p.add_argument("--vocab", type=int, default=8000, help="sentencepiece size when RAW_DIR brings no model")
@@ -532,6 +570,11 @@ def main(argv=None):
         p.error(f"--kd-lenpen {args.kd_lenpen}: expected a positive length penalty")
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
     args.teacher_updates = args.teacher_updates or args.max_update
+    args.student_lr = args.lr if args.student_lr is None else args.student_lr
+    args.student_warmup = args.warmup if args.student_warmup is None else args.student_warmup
+    if args.student_lr <= 0 or args.student_warmup < 0:
+        p.error(f"--student-lr {args.student_lr} --student-warmup {args.student_warmup}: expected a positive "
+                "learning rate and 0 or more warm-up updates")
     if args.teacher_updates < args.max_update:
         p.error(f"--teacher-updates {args.teacher_updates}: expected at least --max-update ({args.max_update})")
     names = [n for n in args.systems.split(",") if n]
@@ -579,7 +622,7 @@ def main(argv=None):
         if args.average_last > 1:
             reads.append((averaged_checkpoint(args, name, args.at_update or args.max_update),
                           f"{tag} avg {args.average_last}".strip(), f", mean of the last {args.average_last} checkpoints"))
-        _, decodes = SYSTEMS[name]
+        decodes = elmer_decodes(args, name)
         wall = walls(args, name)
         for read, read_tag, suffix in reads:
             for label in decodes:

@@ -183,7 +183,8 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
         for ext in ("bin", "idx"):
             shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
-    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1, kd_lenpen=1.0))
+    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1, kd_lenpen=1.0,
+                                   teacher_system="ar"))
     for side in ("src", "tgt"):
         merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
         first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
@@ -220,6 +221,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                              student_lr=5e-4, student_warmup=4,
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     compare.train_teacher(args)
     cmd, _ = calls[0]
@@ -234,7 +236,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
     assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
     same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1, kd_lenpen=1.0,
-                              teacher_system="ar")
+                              teacher_system="ar", lr=5e-4, warmup=4, student_lr=5e-4, student_warmup=4)
     assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
     # --kd-nbest 4: the same teacher writes its 4 best, the targets and students get their own folders
     best = argparse.Namespace(**{**vars(args), "kd_nbest": 4})
@@ -270,6 +272,7 @@ def test_ar_without_dropout_is_the_ar_with_dropout_0_last(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
     args = argparse.Namespace(work=str(tmp_path), max_update=8, teacher_updates=8, size="tiny", lr=5e-4, warmup=4,
+                              student_lr=5e-4, student_warmup=4,
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     base, d0 = compare.train_flags(args, "ar"), compare.train_flags(args, "ar-d0")
     assert d0 == base + ["--dropout", "0"] and base[base.index("--arch") + 1] == "transformer"
@@ -302,6 +305,7 @@ def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folder
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                              student_lr=5e-4, student_warmup=4,
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=4, kd_lenpen=1.0, teacher_system="ar-d0")
     compare.train_teacher(args)
     cmd, _ = calls[0]
@@ -317,3 +321,83 @@ def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folder
     itself = argparse.Namespace(**{**vars(args), "teacher_updates": 8, "kd_nbest": 1})
     assert compare.folder(itself, compare.TEACHER) == str(work / "ar-d0")
     assert compare.data_dir(itself, "elmer-soft-kd-glat") == str(work / "bin-kd-ar-d0")
+
+
+def test_student_schedule_trains_elmer_at_its_own_lr_and_leaves_the_ar_and_teacher_alone(tmp_path, monkeypatch):
+    """--student-lr/--student-warmup: the ELMER systems train at their own peak learning rate and warm-up
+    into folders that say so; the AR systems and the teacher keep --lr/--warmup and their folders; by
+    default (main) the students' schedule is the AR's; a non-positive learning rate is refused."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    work = tmp_path / "work"
+    (work / "ar").mkdir(parents=True)
+    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
+    (work / "bin").mkdir()
+    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    calls = []
+    monkeypatch.setattr(compare, "run", lambda cmd, out=None, env=None: calls.append(cmd))
+    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                              student_lr=1e-3, student_warmup=2, max_tokens=4096, save_every=4, seed=1, kd_nbest=4,
+                              kd_lenpen=1.0, teacher_system="ar")
+
+    def option(flags, name):
+        values = [flags[i + 1] for i, f in enumerate(flags) if f == name]
+        assert len(values) == 1, (name, values)
+        return values[0]
+
+    for name in ("ar", "ar-d0"):
+        flags = compare.train_flags(args, name)
+        assert (option(flags, "--lr"), option(flags, "--warmup-updates")) == ("0.0005", "4")
+        assert compare.folder(args, name) == str(work / name)
+    for name in ("elmer-soft-glat", "elmer-soft-kd-glat-d0"):
+        flags = compare.train_flags(args, name)
+        assert (option(flags, "--lr"), option(flags, "--warmup-updates")) == ("0.001", "2")
+    assert compare.folder(args, "elmer-soft-glat") == str(work / "elmer-soft-glat-lr0.001-wu2")
+    assert compare.folder(args, "elmer-soft-kd-glat-d0") == str(work / "elmer-soft-kd-glat-d0-t20-best-of-4-lr0.001-wu2")
+    assert compare.data_dir(args, "elmer-soft-kd-glat-d0") == str(work / "bin-kd-t20-best-of-4")
+    compare.train_teacher(args)
+    assert (option(calls[0], "--lr"), option(calls[0], "--warmup-updates")) == ("0.0005", "4")
+    assert compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
+    same = argparse.Namespace(**{**vars(args), "student_lr": 5e-4, "student_warmup": 4})
+    assert compare.folder(same, "elmer-soft-glat") == str(work / "elmer-soft-glat")
+    # main fills the default from --lr/--warmup (checked before anything is trained), refuses lr <= 0
+    seen = {}
+
+    def stop(a):
+        seen.update(vars(a))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(compare, "prepare", stop)
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--work", str(work), "--lr", "2e-4", "--warmup", "7"])
+    assert (seen["student_lr"], seen["student_warmup"]) == (2e-4, 7)
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path), "--work", str(work), "--student-warmup", "3"])
+    assert (seen["student_lr"], seen["student_warmup"]) == (5e-4, 3)
+    seen.clear()
+    with pytest.raises(SystemExit) as refused:
+        compare.main([str(tmp_path), "--work", str(work), "--student-lr", "0"])
+    assert refused.value.code == 2 and not seen
+
+
+def test_elmer_decode_reads_the_elmer_systems_with_the_chosen_decodes_only():
+    """--elmer-decode LABEL (repeatable): ELMER systems are read with those decodes, in the table's order;
+    the AR systems and the teacher keep theirs; none given: every decode; an unknown label is refused."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    labels = list(compare.ELMER_DECODES)
+    chosen = argparse.Namespace(elmer_decode=[labels[3], labels[0]])
+    assert compare.elmer_decodes(chosen, "elmer-soft-kd-glat-d0") == [labels[0], labels[3]]
+    assert compare.elmer_decodes(chosen, "ar") == ["beam 4", "greedy"]
+    assert compare.elmer_decodes(chosen, "ar-d0") == ["beam 4", "greedy"]
+    assert compare.elmer_decodes(chosen, compare.TEACHER) == ["beam 4"]
+    assert compare.elmer_decodes(argparse.Namespace(elmer_decode=None), "elmer-soft-glat") == labels
+    with pytest.raises(SystemExit) as refused:
+        compare.main(["raw", "--elmer-decode", "no such decode"])
+    assert refused.value.code == 2
