@@ -126,7 +126,8 @@ generate() {
     rm -f "$SAVE/checkpoint_avg.pt"
     python -m elmer_fairseq.average_checkpoints --dir "$SAVE" --last-epochs "$average" --at-most \
       --output "$SAVE/checkpoint_avg.pt" > "$SAVE/average.log" 2>&1 || { tail -5 "$SAVE/average.log"; exit 1; }
-    grep -h "WARNING" "$SAVE/average.log" | sed -E 's/^.*WARNING[ |:]+[^ |:]+[ |:]+/AVERAGE_LAST: /'
+    # its warnings, if any (sed alone: a grep that finds none would fail the pipeline under pipefail)
+    sed -nE 's/^.*WARNING[ |:]+[^ |:]+[ |:]+/AVERAGE_LAST: /p' "$SAVE/average.log"
     if [ -f "$SAVE/checkpoint_avg.pt" ]; then
       ckpt=$SAVE/checkpoint_avg.pt
       echo "generating with the mean of the last epoch checkpoints (at most $average): $ckpt"

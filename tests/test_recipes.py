@@ -153,6 +153,14 @@ def test_recipe_end_to_end(dataset, tmp_path):
         averaged = torch.load(tmp_path / "ckpt" / "checkpoint_avg.pt", weights_only=True)["averaged_from"]
         assert sorted(os.path.basename(p) for p in averaged) == epochs
         assert f"'path': '{tmp_path / 'ckpt' / 'checkpoint_avg.pt'}'" in flags and chosen["checkpoint"].endswith("checkpoint_avg.pt")
+        # as many epoch checkpoints as AVERAGE_LAST: averaged without a word about fewer (generate again)
+        env["AVERAGE_LAST"] = "2"
+        again = subprocess.run(["bash", f"scripts/{dataset}.sh", "generate", str(raw)], cwd=REPO, env=env,
+                               capture_output=True, text=True)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "AVERAGE_LAST:" not in again.stdout and "(at most 2)" in again.stdout
+        averaged = torch.load(tmp_path / "ckpt" / "checkpoint_avg.pt", weights_only=True)["averaged_from"]
+        assert sorted(os.path.basename(p) for p in averaged) == epochs
     else:
         assert not (tmp_path / "ckpt" / "checkpoint_avg.pt").exists()
     canvas = (tmp_path / "data-bin" / dataset / "canvas.env").read_text()
