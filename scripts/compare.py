@@ -31,6 +31,8 @@ row of the table. ``--teacher-system ar-d0`` makes the AR without dropout the te
 ``--student-lr``/``--student-warmup`` give the ELMER systems their own learning rate and warm-up (folders
 ``WORK/<system>...-lrLR-wuW``) while the AR systems and the teacher keep ``--lr``/``--warmup``, in the same run.
 ``--elmer-decode LABEL`` (repeatable) reads the ELMER systems with those decodes only (default: all of them).
+``--device cuda`` runs the whole comparison (training, distillation, generation, calibration, timing) on one
+GPU in fp32; the default, ``cpu``, is what the tables in docs/quality were measured with.
 With ``--average-last N`` every system is also read with the mean weights of its last N interval checkpoints
 (``elmer-average-checkpoints``), next to its last checkpoint, in ``WORK/compare-avgN.{json,md}``.
 A stage whose output exists is not run again, so an interrupted run resumes where it stopped (delete ``WORK/<system>`` to retrain one).
@@ -202,20 +204,26 @@ def spec(name):
     return SYSTEMS[name]
 
 
-def base_train_flags(size, max_tokens, max_update, lr=5e-4, warmup=1000, seed=1):
+def base_train_flags(size, max_tokens, max_update, lr=5e-4, warmup=1000, seed=1, cpu=True):
     """What every system trains with, here and in scripts/train_speed.py: size, dropout, optimizer,
-    schedule, batch, updates, source truncation, no validation, CPU."""
+    schedule, batch, updates, source truncation, no validation, the CPU (``cpu``; else fairseq's default,
+    CUDA)."""
     return [*SIZES[size], "--dropout", "0.1",
             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(lr),
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup), "--clip-norm", "1.0",
             "--max-tokens", str(max_tokens), "--max-update", str(max_update),
             "--max-source-positions", "512", "--truncate-source", "--disable-validation",
-            "--seed", str(seed), "--num-workers", "0", "--log-format", "simple", "--cpu"]
+            "--seed", str(seed), "--num-workers", "0", "--log-format", "simple"] + (["--cpu"] if cpu else [])
 
 
 def elmer_train_flags(canvas):
     """ELMER's task, model and criterion with the data's canvas rule (canvas.json's keys)."""
     return ELMER_TRAIN + ["--canvas-len-a", str(canvas["canvas_len_a"]), "--canvas-len-b", str(canvas["canvas_len_b"])]
+
+
+def cpu_flag(args):
+    """``--cpu`` for the fairseq tools and length calibration under ``--device cpu``; nothing under cuda."""
+    return ["--cpu"] if args.device == "cpu" else []
 
 
 def schedule(args, name):
@@ -238,7 +246,7 @@ def train_flags(args, name, max_update=None):
     with open(os.path.join(args.work, "bin", "canvas.json")) as f:
         canvas = json.load(f)
     common = base_train_flags(args.size, args.max_tokens, max_update or args.max_update, *schedule(args, name),
-                              args.seed)
+                              args.seed, cpu=args.device == "cpu")
     common += ["--save-interval-updates", str(args.save_every), "--keep-interval-updates", "-1",
                "--no-epoch-checkpoints", "--log-interval", str(args.save_every)]
     if is_ar(name):
@@ -346,7 +354,7 @@ def distill(args):
     # the teacher writes at most what the student's canvas holds (longer targets would be truncated
     # in training): a looping teacher's beam search would otherwise run to 128 pieces
     env = dict(os.environ, TEACHER=os.path.join(teacher_folder(args), "checkpoint_last.pt"), OUT=kd,
-               MAX_LEN_B=str(canvas),
+               MAX_LEN_B=str(canvas), CPU="1" if args.device == "cpu" else "0",
                NBEST=str(args.kd_nbest), LENPEN=f"{args.kd_lenpen:g}",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     run(["bash", os.path.join(REPO, "scripts", "distill.sh"), os.path.join(args.work, "bin")], env=env,
@@ -406,7 +414,7 @@ def generate(args, name, label, ckpt, tag=""):
             flags = ["--length-rule", flags["rule"], f"--{option}", str(knob)] + rule_flags(flags["collapse"],
                                                                                           flags["neighbours"])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
-               "--batch-size", "64", "--post-process", "sentencepiece", "--cpu",
+               "--batch-size", "64", "--post-process", "sentencepiece", *cpu_flag(args),
                "--max-source-positions", "512", "--truncate-source", *flags,
                # --user-dir for every system: it also allow-lists fairseq's checkpoint types for torch.load
                "--user-dir", os.path.join(REPO, "elmer_fairseq")]
@@ -446,7 +454,7 @@ def calibrated_knob(args, name, ckpt, collapse=False, neighbours=0, unit="pieces
     out = os.path.join(folder(args, name), f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
         run([sys.executable, "-m", "elmer_fairseq.length_calibration", os.path.join(args.work, "bin"), "--path", ckpt,
-             "--subset", "train", "--sentences", str(args.calibration_pairs), "--cpu", "--json", out, "--unit", unit,
+             "--subset", "train", "--sentences", str(args.calibration_pairs), *cpu_flag(args), "--json", out, "--unit", unit,
              "--rule", rule, "--target-ratio", str(ratio)]
             + rule_flags(collapse, neighbours), out=out + ".log")
     with open(out) as f:
@@ -460,7 +468,7 @@ def bs1_ms(args, name, ckpt, tag=""):
         flag = "--ar" if is_ar(name) else "--elmer-soft"
         cmd = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--data", os.path.join(args.work, "bin"),
                "--split", "valid", flag, ckpt, "--max-sentences", str(args.bs1_sentences), "--warmup", "5",
-               "--large-batch", "64", "--memory-batches", "--json", out, "--device", "cpu"]
+               "--large-batch", "64", "--memory-batches", "--json", out, "--device", args.device]
         if flag == "--elmer-soft":
             cmd += ["--thresholds"]
         run(cmd, out=out + ".log")
@@ -532,6 +540,9 @@ def main(argv=None):
     p.add_argument("--student-warmup", type=int, metavar="W",
                    help="warm-up updates of the ELMER systems only (default --warmup)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every system trains, distils, generates, calibrates and is timed (fp32 either way); "
+                   "cpu: the tables in docs/quality; cuda: the same run on one GPU, in minutes instead of hours")
     p.add_argument("--save-every", type=int, default=100, help="interval checkpoints, for the time-matched column")
     p.add_argument("--vocab", type=int, default=8000, help="sentencepiece size when RAW_DIR brings no model")
     p.add_argument("--train-limit", type=int, help="use the first N training pairs only")
@@ -568,6 +579,11 @@ def main(argv=None):
         p.error(f"--average-last {args.average_last}: expected 1 or more")
     if args.kd_lenpen <= 0:
         p.error(f"--kd-lenpen {args.kd_lenpen}: expected a positive length penalty")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here (use --device cpu)")
     args.raw, args.work = os.path.abspath(args.raw), os.path.abspath(args.work)
     args.teacher_updates = args.teacher_updates or args.max_update
     args.student_lr = args.lr if args.student_lr is None else args.student_lr

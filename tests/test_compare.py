@@ -221,7 +221,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4,
+                              student_lr=5e-4, student_warmup=4, device="cpu",
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     compare.train_teacher(args)
     cmd, _ = calls[0]
@@ -272,7 +272,7 @@ def test_ar_without_dropout_is_the_ar_with_dropout_0_last(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
     args = argparse.Namespace(work=str(tmp_path), max_update=8, teacher_updates=8, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4,
+                              student_lr=5e-4, student_warmup=4, device="cpu",
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
     base, d0 = compare.train_flags(args, "ar"), compare.train_flags(args, "ar-d0")
     assert d0 == base + ["--dropout", "0"] and base[base.index("--arch") + 1] == "transformer"
@@ -305,7 +305,7 @@ def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folder
 
     monkeypatch.setattr(compare, "run", run)
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4,
+                              student_lr=5e-4, student_warmup=4, device="cpu",
                               max_tokens=4096, save_every=4, seed=1, kd_nbest=4, kd_lenpen=1.0, teacher_system="ar-d0")
     compare.train_teacher(args)
     cmd, _ = calls[0]
@@ -340,7 +340,7 @@ def test_student_schedule_trains_elmer_at_its_own_lr_and_leaves_the_ar_and_teach
     calls = []
     monkeypatch.setattr(compare, "run", lambda cmd, out=None, env=None: calls.append(cmd))
     args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=1e-3, student_warmup=2, max_tokens=4096, save_every=4, seed=1, kd_nbest=4,
+                              student_lr=1e-3, student_warmup=2, device="cpu", max_tokens=4096, save_every=4, seed=1, kd_nbest=4,
                               kd_lenpen=1.0, teacher_system="ar")
 
     def option(flags, name):
@@ -401,3 +401,45 @@ def test_elmer_decode_reads_the_elmer_systems_with_the_chosen_decodes_only():
     with pytest.raises(SystemExit) as refused:
         compare.main(["raw", "--elmer-decode", "no such decode"])
     assert refused.value.code == 2
+
+
+def test_device_cuda_drops_cpu_from_every_tool_and_is_refused_without_cuda(tmp_path, monkeypatch):
+    """--device cuda: fairseq-train (baseline, students, the teacher trained on) and the tools get no --cpu,
+    distill.sh is told CPU=0; --device cpu (the default) keeps --cpu everywhere and CPU=1; without a CUDA
+    device, --device cuda is refused before anything runs."""
+    import argparse
+    import shutil
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    work = tmp_path / "work"
+    (work / "ar").mkdir(parents=True)
+    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
+    (work / "bin").mkdir()
+    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    calls = []
+
+    def run(cmd, out=None, env=None):
+        calls.append((cmd, env))
+        if env and "OUT" in env:
+            os.makedirs(env["OUT"], exist_ok=True)
+
+    monkeypatch.setattr(compare, "run", run)
+    for device, cpu in (("cuda", False), ("cpu", True)):
+        args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
+                                  student_lr=5e-4, student_warmup=4, device=device, max_tokens=4096, save_every=4,
+                                  seed=1, kd_nbest=1, kd_lenpen=1.0 if cpu else 2.0, teacher_system="ar")
+        for name in ("ar", "ar-d0", "elmer-soft-kd-glat"):
+            assert ("--cpu" in compare.train_flags(args, name)) is cpu
+        assert compare.cpu_flag(args) == (["--cpu"] if cpu else [])
+        calls.clear()
+        shutil.rmtree(work / "ar-t20", ignore_errors=True)
+        compare.train_teacher(args)
+        compare.distill(args)
+        (teacher, _), (_, env) = calls
+        assert ("--cpu" in teacher) is cpu and env["CPU"] == ("1" if cpu else "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as refused:
+            compare.main([str(tmp_path), "--work", str(work), "--device", "cuda"])
+        assert refused.value.code == 2
