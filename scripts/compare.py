@@ -557,6 +557,10 @@ def main(argv=None):
     p.add_argument("--teacher-updates", type=int, metavar="N",
                    help="the kd systems' teacher: the AR trained on from --max-update to N updates (default: the "
                    "AR baseline itself, N = --max-update); students still train --max-update updates")
+    p.add_argument("--baseline", default="ar", choices=[n for n in SYSTEMS if is_ar(n)],
+                   help="the AR system always trained and read first, whose wall-clock the time-matched column "
+                   "gives the ELMER systems (ar-d0: the AR without dropout; then the dropout-0.1 AR is trained "
+                   "only if --systems names it)")
     p.add_argument("--teacher-system", default="ar", choices=[n for n in SYSTEMS if is_ar(n)],
                    help="the kd systems' teacher: this AR system (trained as in --systems, then on to "
                    "--teacher-updates); other than 'ar', its name is in the data's and students' folders")
@@ -597,10 +601,10 @@ def main(argv=None):
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         p.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
-    if "ar" not in names:
-        names.insert(0, "ar")  # the baseline (and by default the teacher of the kd systems)
+    # the baseline first (the ar one is by default also the teacher of the kd systems)
+    names = [args.baseline] + [n for n in names if n != args.baseline]
     kd = any("kd" in n for n in names)
-    if kd and args.teacher_system != "ar":  # trained right after the baseline, before any student
+    if kd and args.teacher_system != args.baseline:  # trained right after the baseline, before any student
         names = [names[0], args.teacher_system] + [n for n in names[1:] if n != args.teacher_system]
     trained_on = kd and args.teacher_updates != args.max_update
     if trained_on:
@@ -619,7 +623,7 @@ def main(argv=None):
             if "kdmix" in name:
                 mix(args)
             train(args, name)
-    ar_wall = max(walls(args, "ar").values(), default=None)
+    ar_wall = max(walls(args, args.baseline).values(), default=None)
     for name in names:
         ckpt = os.path.join(folder(args, name), "checkpoint_last.pt")
         if name == TEACHER:  # read at its last checkpoint, also with --at-update; not timed (the AR's model)

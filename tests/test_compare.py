@@ -443,3 +443,36 @@ def test_device_cuda_drops_cpu_from_every_tool_and_is_refused_without_cuda(tmp_p
         with pytest.raises(SystemExit) as refused:
             compare.main([str(tmp_path), "--work", str(work), "--device", "cuda"])
         assert refused.value.code == 2
+
+
+def test_baseline_ar_d0_is_trained_first_and_the_dropout_ar_only_when_named(tmp_path, monkeypatch):
+    """--baseline ar-d0: the AR without dropout is trained first and, as teacher, trained on right after it;
+    the dropout-0.1 AR is not trained unless --systems names it (then after the baseline); the default
+    baseline 'ar' is trained first even when named last (its students need its distillation)."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    order = []
+    monkeypatch.setattr(compare, "prepare", lambda args: None)
+    monkeypatch.setattr(compare, "train", lambda args, name: order.append(name))
+    monkeypatch.setattr(compare, "train_teacher", lambda args: order.append(compare.TEACHER))
+    monkeypatch.setattr(compare, "distill", lambda args: order.append("distill"))
+
+    def walls(args, name):  # the first call after training: stop there
+        order.append(f"walls {name}")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(compare, "walls", walls)
+
+    def trained(*flags):
+        order.clear()
+        with pytest.raises(SystemExit):
+            compare.main([str(tmp_path), "--work", str(tmp_path / "work"), *flags])
+        return list(order)
+
+    assert trained("--baseline", "ar-d0", "--systems", "elmer-soft-kd-glat-d0", "--teacher-system", "ar-d0",
+                   "--teacher-updates", "3600") == ["ar-d0", compare.TEACHER, "distill", "elmer-soft-kd-glat-d0",
+                                                    "walls ar-d0"]
+    assert trained("--baseline", "ar-d0", "--systems", "elmer-soft-glat,ar") == ["ar-d0", "elmer-soft-glat", "ar",
+                                                                                 "walls ar-d0"]
+    assert trained("--systems", "elmer-soft-kd,ar") == ["ar", "distill", "elmer-soft-kd", "walls ar"]
