@@ -14,6 +14,49 @@ from elmer_fairseq.distill import pairs_from_generate_log
 from elmer_fairseq.score import collapse_words, score, text_shape
 
 
+def harness():
+    """scripts/compare.py, imported as a module."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import compare
+
+    return compare
+
+
+def fake_work(tmp_path, checkpoints=None):
+    """tmp_path/work with bin/canvas.json (T = 9) and, per {system: bytes}, WORK/<system>/checkpoint_last.pt."""
+    work = tmp_path / "work"
+    (work / "bin").mkdir(parents=True)
+    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
+    for name, content in (checkpoints or {}).items():
+        (work / name).mkdir()
+        (work / name / "checkpoint_last.pt").write_bytes(content)
+    return work
+
+
+def record_runs(monkeypatch, compare):
+    """compare.run replaced by a recorder of (command, env); distill.sh's OUT folder is created as it would be."""
+    calls = []
+
+    def run(cmd, out=None, env=None):
+        calls.append((cmd, env))
+        if env and "OUT" in env:
+            os.makedirs(env["OUT"], exist_ok=True)
+
+    monkeypatch.setattr(compare, "run", run)
+    return calls
+
+
+def harness_args(work, **changes):
+    """compare.py's parsed arguments for a tiny run in ``work`` (8 updates, teacher 20), with ``changes``."""
+    import argparse
+
+    values = dict(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4, student_lr=5e-4,
+                  student_warmup=4, device="cpu", max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0,
+                  teacher_system="ar")
+    values.update(changes)
+    return argparse.Namespace(**values)
+
+
 def test_collapse_words_and_text_shape_by_hand():
     assert collapse_words("data files for for data") == "data files for data"
     assert collapse_words("a a a") == "a"
@@ -166,14 +209,11 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
 def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, tmp_path):
     """compare.py's ``kdmix`` data folder: one binarized train split holding the distilled pairs followed
     by the original ones, item for item; valid and the dictionaries are the original folder's."""
-    import argparse
     import shutil
 
     from fairseq.data import data_utils
 
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
+    compare = harness()
     _, dest = data_bin
     work = tmp_path / "work"
     work.mkdir()
@@ -183,8 +223,7 @@ def test_kdmix_data_is_the_distilled_then_the_original_training_pairs(data_bin, 
     for side in ("src", "tgt"):  # a stand-in for the distilled pairs: the valid split
         for ext in ("bin", "idx"):
             shutil.copy(dest / f"valid.src-tgt.{side}.{ext}", kd / f"train.src-tgt.{side}.{ext}")
-    compare.mix(argparse.Namespace(work=str(work), max_update=1800, teacher_updates=1800, kd_nbest=1, kd_lenpen=1.0,
-                                   teacher_system="ar"))
+    compare.mix(harness_args(work, max_update=1800, teacher_updates=1800))
     for side in ("src", "tgt"):
         merged = data_utils.load_indexed_dataset(str(work / "bin-kdmix" / f"train.src-tgt.{side}"), None)
         first = data_utils.load_indexed_dataset(str(dest / f"valid.src-tgt.{side}"), None)
@@ -202,27 +241,10 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     WORK/ar-tN (fairseq-train resumes from the copied checkpoint_last.pt), distills into WORK/bin-kd-tN,
     and the students' folders carry the suffix; the baseline keeps WORK/ar. Fewer updates than
     --max-update are refused."""
-    import argparse
-
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
-    work = tmp_path / "work"
-    (work / "ar").mkdir(parents=True)
-    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
-    (work / "bin").mkdir()
-    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
-    calls = []
-
-    def run(cmd, out=None, env=None):  # record; distill.sh would create its OUT folder
-        calls.append((cmd, env))
-        if env and "OUT" in env:
-            os.makedirs(env["OUT"])
-
-    monkeypatch.setattr(compare, "run", run)
-    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4, device="cpu",
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
+    compare = harness()
+    work = fake_work(tmp_path, {"ar": b"baseline"})
+    calls = record_runs(monkeypatch, compare)
+    args = harness_args(work)
     compare.train_teacher(args)
     cmd, _ = calls[0]
     assert (work / "ar-t20" / "checkpoint_last.pt").read_bytes() == b"baseline"
@@ -235,11 +257,10 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     assert compare.folder(args, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20")
     assert compare.folder(args, "ar") == str(work / "ar") and compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
     assert compare.data_dir(args, "elmer-soft-kdmix-glat") == str(work / "bin-kdmix-t20")
-    same = argparse.Namespace(work=str(work), max_update=8, teacher_updates=8, kd_nbest=1, kd_lenpen=1.0,
-                              teacher_system="ar", lr=5e-4, warmup=4, student_lr=5e-4, student_warmup=4)
+    same = harness_args(work, teacher_updates=8)
     assert compare.folder(same, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat")
     # --kd-nbest 4: the same teacher writes its 4 best, the targets and students get their own folders
-    best = argparse.Namespace(**{**vars(args), "kd_nbest": 4})
+    best = harness_args(work, kd_nbest=4)
     compare.distill(best)
     _, env = calls[2]
     assert env["NBEST"] == "4" and env["OUT"] == str(work / "bin-kd-t20-best-of-4")
@@ -247,7 +268,7 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
     assert compare.folder(best, "elmer-soft-kd-glat") == str(work / "elmer-soft-kd-glat-t20-best-of-4")
     assert compare.folder(best, compare.TEACHER) == str(work / "ar-t20")
     # --kd-lenpen 2.5: the teacher's beam favours longer outputs; own data and student folders again
-    longer = argparse.Namespace(**{**vars(best), "kd_lenpen": 2.5})
+    longer = harness_args(work, kd_nbest=4, kd_lenpen=2.5)
     compare.distill(longer)
     _, env = calls[3]
     assert env["LENPEN"] == "2.5" and env["OUT"] == str(work / "bin-kd-t20-best-of-4-lenpen-2.5")
@@ -264,20 +285,13 @@ def test_teacher_trained_on_resumes_the_baseline_and_feeds_its_own_kd_folders(tm
 def test_ar_without_dropout_is_the_ar_with_dropout_0_last(tmp_path):
     """ar-d0 trains the same fairseq transformer as the baseline with --dropout 0 after the common
     --dropout 0.1 (argparse keeps the last), on the original pairs, into WORK/ar-d0, and is decoded as an AR."""
-    import argparse
-
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
-    args = argparse.Namespace(work=str(tmp_path), max_update=8, teacher_updates=8, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4, device="cpu",
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=1, kd_lenpen=1.0, teacher_system="ar")
+    compare = harness()
+    work = fake_work(tmp_path)
+    args = harness_args(work, teacher_updates=8)
     base, d0 = compare.train_flags(args, "ar"), compare.train_flags(args, "ar-d0")
     assert d0 == base + ["--dropout", "0"] and base[base.index("--arch") + 1] == "transformer"
     assert [d0[i + 1] for i, f in enumerate(d0) if f == "--dropout"] == ["0.1", "0"]
-    assert compare.folder(args, "ar-d0") == str(tmp_path / "ar-d0") and compare.data_dir(args, "ar-d0") == str(tmp_path / "bin")
+    assert compare.folder(args, "ar-d0") == str(work / "ar-d0") and compare.data_dir(args, "ar-d0") == str(work / "bin")
     assert compare.is_ar("ar-d0") and compare.is_ar(compare.TEACHER) and not compare.is_ar("elmer-soft-kd-glat-d0")
 
 
@@ -285,28 +299,10 @@ def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folder
     """--teacher-system ar-d0: the teacher is WORK/ar-d0's last checkpoint trained on with ar-d0's flags
     (--dropout 0 last) into WORK/ar-d0-tN; its data and students carry '-ar-d0-tN'; without
     --teacher-updates the teacher is WORK/ar-d0 itself."""
-    import argparse
-
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
-    work = tmp_path / "work"
-    for name, content in (("ar", b"baseline"), ("ar-d0", b"no dropout")):
-        (work / name).mkdir(parents=True)
-        (work / name / "checkpoint_last.pt").write_bytes(content)
-    (work / "bin").mkdir()
-    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
-    calls = []
-
-    def run(cmd, out=None, env=None):
-        calls.append((cmd, env))
-        if env and "OUT" in env:
-            os.makedirs(env["OUT"])
-
-    monkeypatch.setattr(compare, "run", run)
-    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=5e-4, student_warmup=4, device="cpu",
-                              max_tokens=4096, save_every=4, seed=1, kd_nbest=4, kd_lenpen=1.0, teacher_system="ar-d0")
+    compare = harness()
+    work = fake_work(tmp_path, {"ar": b"baseline", "ar-d0": b"no dropout"})
+    calls = record_runs(monkeypatch, compare)
+    args = harness_args(work, kd_nbest=4, teacher_system="ar-d0")
     compare.train_teacher(args)
     cmd, _ = calls[0]
     assert (work / "ar-d0-t20" / "checkpoint_last.pt").read_bytes() == b"no dropout"
@@ -318,7 +314,7 @@ def test_teacher_system_ar_d0_resumes_the_ar_without_dropout_into_its_own_folder
     assert env["OUT"] == str(work / "bin-kd-ar-d0-t20-best-of-4")
     assert compare.folder(args, "elmer-soft-kd-glat-d0") == str(work / "elmer-soft-kd-glat-d0-ar-d0-t20-best-of-4")
     assert compare.folder(args, compare.TEACHER) == str(work / "ar-d0-t20") and compare.folder(args, "ar") == str(work / "ar")
-    itself = argparse.Namespace(**{**vars(args), "teacher_updates": 8, "kd_nbest": 1})
+    itself = harness_args(work, teacher_system="ar-d0", teacher_updates=8)
     assert compare.folder(itself, compare.TEACHER) == str(work / "ar-d0")
     assert compare.data_dir(itself, "elmer-soft-kd-glat") == str(work / "bin-kd-ar-d0")
 
@@ -327,21 +323,10 @@ def test_student_schedule_trains_elmer_at_its_own_lr_and_leaves_the_ar_and_teach
     """--student-lr/--student-warmup: the ELMER systems train at their own peak learning rate and warm-up
     into folders that say so; the AR systems and the teacher keep --lr/--warmup and their folders; by
     default (main) the students' schedule is the AR's; a non-positive learning rate is refused."""
-    import argparse
-
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
-    work = tmp_path / "work"
-    (work / "ar").mkdir(parents=True)
-    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
-    (work / "bin").mkdir()
-    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
-    calls = []
-    monkeypatch.setattr(compare, "run", lambda cmd, out=None, env=None: calls.append(cmd))
-    args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                              student_lr=1e-3, student_warmup=2, device="cpu", max_tokens=4096, save_every=4, seed=1, kd_nbest=4,
-                              kd_lenpen=1.0, teacher_system="ar")
+    compare = harness()
+    work = fake_work(tmp_path, {"ar": b"baseline"})
+    calls = record_runs(monkeypatch, compare)
+    args = harness_args(work, student_lr=1e-3, student_warmup=2, kd_nbest=4)
 
     def option(flags, name):
         values = [flags[i + 1] for i, f in enumerate(flags) if f == name]
@@ -359,9 +344,9 @@ def test_student_schedule_trains_elmer_at_its_own_lr_and_leaves_the_ar_and_teach
     assert compare.folder(args, "elmer-soft-kd-glat-d0") == str(work / "elmer-soft-kd-glat-d0-t20-best-of-4-lr0.001-wu2")
     assert compare.data_dir(args, "elmer-soft-kd-glat-d0") == str(work / "bin-kd-t20-best-of-4")
     compare.train_teacher(args)
-    assert (option(calls[0], "--lr"), option(calls[0], "--warmup-updates")) == ("0.0005", "4")
+    assert (option(calls[0][0], "--lr"), option(calls[0][0], "--warmup-updates")) == ("0.0005", "4")
     assert compare.folder(args, compare.TEACHER) == str(work / "ar-t20")
-    same = argparse.Namespace(**{**vars(args), "student_lr": 5e-4, "student_warmup": 4})
+    same = harness_args(work, kd_nbest=4)
     assert compare.folder(same, "elmer-soft-glat") == str(work / "elmer-soft-glat")
     # main fills the default from --lr/--warmup (checked before anything is trained), refuses lr <= 0
     seen = {}
@@ -386,18 +371,15 @@ def test_student_schedule_trains_elmer_at_its_own_lr_and_leaves_the_ar_and_teach
 def test_elmer_decode_reads_the_elmer_systems_with_the_chosen_decodes_only():
     """--elmer-decode LABEL (repeatable): ELMER systems are read with those decodes, in the table's order;
     the AR systems and the teacher keep theirs; none given: every decode; an unknown label is refused."""
-    import argparse
-
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
+    compare = harness()
 
     labels = list(compare.ELMER_DECODES)
-    chosen = argparse.Namespace(elmer_decode=[labels[3], labels[0]])
+    chosen = harness_args("work", elmer_decode=[labels[3], labels[0]])
     assert compare.elmer_decodes(chosen, "elmer-soft-kd-glat-d0") == [labels[0], labels[3]]
     assert compare.elmer_decodes(chosen, "ar") == ["beam 4", "greedy"]
     assert compare.elmer_decodes(chosen, "ar-d0") == ["beam 4", "greedy"]
     assert compare.elmer_decodes(chosen, compare.TEACHER) == ["beam 4"]
-    assert compare.elmer_decodes(argparse.Namespace(elmer_decode=None), "elmer-soft-glat") == labels
+    assert compare.elmer_decodes(harness_args("work", elmer_decode=None), "elmer-soft-glat") == labels
     with pytest.raises(SystemExit) as refused:
         compare.main(["raw", "--elmer-decode", "no such decode"])
     assert refused.value.code == 2
@@ -407,29 +389,13 @@ def test_device_cuda_drops_cpu_from_every_tool_and_is_refused_without_cuda(tmp_p
     """--device cuda: fairseq-train (baseline, students, the teacher trained on) and the tools get no --cpu,
     distill.sh is told CPU=0; --device cpu (the default) keeps --cpu everywhere and CPU=1; without a CUDA
     device, --device cuda is refused before anything runs."""
-    import argparse
     import shutil
 
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
-
-    work = tmp_path / "work"
-    (work / "ar").mkdir(parents=True)
-    (work / "ar" / "checkpoint_last.pt").write_bytes(b"baseline")
-    (work / "bin").mkdir()
-    (work / "bin" / "canvas.json").write_text(json.dumps({"canvas_len_a": 0, "canvas_len_b": 9, "mean_target": 4}))
-    calls = []
-
-    def run(cmd, out=None, env=None):
-        calls.append((cmd, env))
-        if env and "OUT" in env:
-            os.makedirs(env["OUT"], exist_ok=True)
-
-    monkeypatch.setattr(compare, "run", run)
+    compare = harness()
+    work = fake_work(tmp_path, {"ar": b"baseline"})
+    calls = record_runs(monkeypatch, compare)
     for device, cpu in (("cuda", False), ("cpu", True)):
-        args = argparse.Namespace(work=str(work), max_update=8, teacher_updates=20, size="tiny", lr=5e-4, warmup=4,
-                                  student_lr=5e-4, student_warmup=4, device=device, max_tokens=4096, save_every=4,
-                                  seed=1, kd_nbest=1, kd_lenpen=1.0 if cpu else 2.0, teacher_system="ar")
+        args = harness_args(work, device=device, kd_lenpen=1.0 if cpu else 2.0)
         for name in ("ar", "ar-d0", "elmer-soft-kd-glat"):
             assert ("--cpu" in compare.train_flags(args, name)) is cpu
         assert compare.cpu_flag(args) == (["--cpu"] if cpu else [])
@@ -449,8 +415,7 @@ def test_baseline_ar_d0_is_trained_first_and_the_dropout_ar_only_when_named(tmp_
     """--baseline ar-d0: the AR without dropout is trained first and, as teacher, trained on right after it;
     the dropout-0.1 AR is not trained unless --systems names it (then after the baseline); the default
     baseline 'ar' is trained first even when named last (its students need its distillation)."""
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    import compare
+    compare = harness()
 
     order = []
     monkeypatch.setattr(compare, "prepare", lambda args: None)
