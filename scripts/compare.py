@@ -27,7 +27,8 @@ With ``--teacher-updates N`` (N > ``--max-update``) the teacher is the same AR t
 (``WORK/ar-tN``, resumed from the baseline's last checkpoint: same size, data and schedule), its data
 ``WORK/bin-kd-tN``, and the students' folders ``WORK/<system>-tN``; the teacher's own beam-4 scores are a
 row of the table. ``--teacher-system ar-d0`` makes the AR without dropout the teacher (folders
-``WORK/ar-d0-tN``, ``WORK/bin-kd-ar-d0-tN``, ``WORK/<system>-ar-d0-tN``). The baseline every system is compared with stays the AR at ``--max-update``.
+``WORK/ar-d0-tN``, ``WORK/bin-kd-ar-d0-tN``, ``WORK/<system>-ar-d0-tN``). The baseline every system is compared with stays the AR at ``--max-update``: ``ar`` (fairseq's dropout 0.1), or
+with ``--baseline ar-d0`` the AR without dropout (then ``ar`` is trained only if ``--systems`` names it).
 ``--student-lr``/``--student-warmup`` give the ELMER systems their own learning rate and warm-up (folders
 ``WORK/<system>...-lrLR-wuW``) while the AR systems and the teacher keep ``--lr``/``--warmup``, in the same run.
 ``--elmer-decode LABEL`` (repeatable) reads the ELMER systems with those decodes only (default: all of them).
