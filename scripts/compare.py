@@ -262,18 +262,21 @@ def is_ar(name):
     return name == TEACHER or name == "ar" or name.startswith("ar-")
 
 
+def trained_on_tag(args):
+    """'-tN' when the teacher is trained on to N = --teacher-updates beyond --max-update, else ''."""
+    return "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"
+
+
 def teacher_tag(args):
-    """The suffix of the teacher's data and students' folders: '' when the AR baseline itself is the
-    teacher; '-<system>' for another AR system as teacher (--teacher-system, e.g. '-ar-d0'); '-tN' when
-    the teacher is trained on to N updates."""
-    return ("" if args.teacher_system == "ar" else f"-{args.teacher_system}") + (
-        "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}")
+    """The suffix of the teacher's data and students' folders: '' for the teacher system 'ar' (the
+    default), '-<system>' for another (--teacher-system, e.g. '-ar-d0'); then '-tN' when the teacher is
+    trained on to N updates."""
+    return ("" if args.teacher_system == "ar" else f"-{args.teacher_system}") + trained_on_tag(args)
 
 
 def teacher_folder(args):
     """WORK/<teacher system>, or WORK/<teacher system>-tN when trained on to N updates."""
-    return os.path.join(args.work, args.teacher_system + (
-        "" if args.teacher_updates == args.max_update else f"-t{args.teacher_updates}"))
+    return os.path.join(args.work, args.teacher_system + trained_on_tag(args))
 
 
 def kd_tag(args):
@@ -535,11 +538,11 @@ def main(argv=None):
     p.add_argument("--student-lr", type=float, metavar="LR",
                    help="peak learning rate of the ELMER systems only (default --lr); the AR systems and the teacher "
                    "keep --lr, so one run compares the AR at its schedule with ELMER at its own (folders ...-lrLR-wuW)")
+    p.add_argument("--student-warmup", type=int, metavar="W",
+                   help="warm-up updates of the ELMER systems only (default --warmup)")
     p.add_argument("--elmer-decode", action="append", choices=list(ELMER_DECODES), metavar="LABEL",
                    help="read the ELMER systems with this decode only (repeatable; default: every decode): one of "
                    + "; ".join(f"'{label}'" for label in ELMER_DECODES))
-    p.add_argument("--student-warmup", type=int, metavar="W",
-                   help="warm-up updates of the ELMER systems only (default --warmup)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where every system trains, distils, generates, calibrates and is timed (fp32 either way); "
