@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .exit_policies import LastLayerExit, banned_tokens, fill_banned_
+from .ctc import collapse
 from .exit_strategies import strategy_of
 
 LENGTH_RULES = ("first-eos", "mode", "median", "quantile")
@@ -140,6 +141,11 @@ def choose_lengths(eos_scores, valid, post_eos: str, rule: str, quantile: float 
     return reached.float().argmax(1) + 1
 
 
+def is_ctc(model):
+    """Whether the model was trained with --ctc (older checkpoints: no)."""
+    return bool(getattr(model.cfg, "ctc", False))
+
+
 class EarlyExitGenerator:
     """Args:
         exit_threshold: δ for hard exit; None: the model's own strategy (``--early-exit``),
@@ -178,15 +184,28 @@ class EarlyExitGenerator:
         self._compiled = {}  # id(model) -> torch.compile'd last-layer forward
         # never emitted: they carry no text
         self.banned = banned_tokens(tgt_dict)
+        self.banned_ctc = banned_tokens(tgt_dict, ctc=True)
 
     def make_policy(self, model):
         """The exit rule: --exit-threshold if given, else the checkpoint's --early-exit strategy."""
+        if is_ctc(model):
+            return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned_ctc)
         return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned, eos=self.eos)
+
+    def check_ctc(self, model):
+        """A --ctc model decides its own lengths: refuse the options that move an output's </s>."""
+        given = [flag for flag, on in ((f"--length-rule {self.length_rule}", self.length_rule != "first-eos"),
+                                       (f"--eos-penalty {self.eos_penalty:g}", self.eos_penalty != 0),
+                                       (f"--no-repeat-neighbours {self.candidates}", self.candidates > 0)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not for a model trained with --ctc, whose output length comes "
+                             "from merging repeats and dropping blanks; leave them at their defaults")
 
     @torch.no_grad()
     def position_scores(self, model, src_tokens, src_lengths):
         """The one pass, before any length decision: per canvas position (each (B, T)) the best token
-        other than ``</s>``, its log-probability, log p(``</s>``), the exit layer, and the padding mask."""
+        other than ``</s>``, its log-probability, log p(``</s>``), the exit layer, and the padding mask.
+        A --ctc model: the best token, the blank included, and None for log p(``</s>``)."""
         canvas = model.initialize_canvas(src_lengths)
         pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
@@ -197,6 +216,12 @@ class EarlyExitGenerator:
             states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
             exit_layers = extra["exit_layers"]
             logits = None if policy.predicts else model.decoder.off_ramp(states, model.num_exit_layers)
+        if is_ctc(model):  # the blank may win; </s> never does
+            if logits is None:
+                found = extra["predictions"]
+                return found["tokens"], found["scores"], None, exit_layers, pad
+            scores, tokens = best_tokens(logits.float(), self.banned_ctc)
+            return tokens, scores, None, exit_layers, pad
         if logits is None:  # hard exit read each token at its own exit layer already
             if self.candidates:
                 raise ValueError("--no-repeat-neighbours needs each position's best tokens at one layer: decode "
@@ -213,7 +238,11 @@ class EarlyExitGenerator:
     def decode(self, model, src_tokens, src_lengths):
         """Tokens, scores and exit layers (each (B, T)) of the whole canvas, and the output lengths
         (B,) under the length rule; tokens hold ``</s>`` at each output's end."""
+        if is_ctc(model):
+            self.check_ctc(model)
         tokens, scores, eos_scores, exit_layers, pad = self.position_scores(model, src_tokens, src_lengths)
+        if is_ctc(model):
+            return self.read_ctc(tokens, scores, exit_layers, pad, model.decoder.mask_idx)
         if self.length_rule == "first-eos":  # </s> wherever it wins; the output ends at the first
             lengths = None
             is_eos = (eos_scores - self.eos_penalty > scores) & ~pad
@@ -225,6 +254,18 @@ class EarlyExitGenerator:
         if lengths is None:
             lengths = cut_at_first_eos(tokens, self.eos, self.pad)
         return tokens, scores, exit_layers, lengths
+
+    def read_ctc(self, tokens, scores, exit_layers, pad, blank):
+        """A --ctc canvas read as its output (``ctc.collapse``: repeats merged, blanks dropped), then
+        ``</s>`` (score 0) after each output, as ``decode`` returns it."""
+        tokens, scores, lengths, exit_layers = collapse(tokens, scores, ~pad, blank, exit_layers)
+        tokens, scores, exit_layers = (F.pad(t, (0, 1), value=v) for t, v in
+                                       ((tokens, self.pad), (scores, 0.0), (exit_layers, 0)))
+        positions = torch.arange(tokens.size(1), device=tokens.device)[None, :]
+        tokens = torch.where(positions.eq(lengths[:, None]), torch.full_like(tokens, self.eos), tokens)
+        tokens = tokens.masked_fill(positions > lengths[:, None], self.pad)
+        scores = scores.masked_fill(positions >= lengths[:, None], 0.0)
+        return tokens, scores, exit_layers.masked_fill(positions >= lengths[:, None], 0), lengths + 1
 
     def _compiled_forward(self, model):
         """torch.compile of encoder + decoder + last off-ramp (--compile), built once per model;

@@ -168,6 +168,13 @@ class ElmerNATConfig(FairseqDataclass):
         default="ignore",
         metadata={"help": "positions after </s>: not trained (ignore), or taught to emit <pad> or </s>"},
     )
+    ctc: bool = field(
+        default=False,
+        metadata={"help": "CTC over the canvas (ctc.py): every position writes a token or the blank (<mask>), the "
+                  "output merges repeats and drops blanks, so its length comes from the one pass (no </s> cut, "
+                  "no --length-rule); trained with the CTC loss at every off-ramp the strategy trains. Give a "
+                  "canvas about twice the longest usual target (--canvas-len-a/-b)"},
+    )
     long_target: ChoiceEnum(LONG_TARGET_CHOICES) = field(
         default="truncate",
         metadata={"help": "training targets longer than their canvas: cut them, or leave them out of the loss; counted"},
@@ -238,6 +245,9 @@ def check_config(cfg):
         if getattr(cfg, yes, False) and getattr(cfg, no, False):
             raise ValueError(f"--{yes.replace('_', '-')} and --{no.replace('_', '-')} contradict each other; give one")
     check_fields(cfg, ElmerNATConfig)
+    if cfg.ctc and cfg.post_eos != "ignore":
+        raise ValueError(f"--post-eos {cfg.post_eos} does not apply with --ctc (its output has no </s> to train "
+                         "positions after); leave --post-eos at ignore")
     if math.floor(cfg.canvas_len_b + cfg.canvas_len_a) < 1:
         raise ValueError(
             f"--canvas-len-a {cfg.canvas_len_a} --canvas-len-b {cfg.canvas_len_b} give a canvas "

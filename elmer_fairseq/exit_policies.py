@@ -25,11 +25,14 @@ import torch
 from .canvas import MASK_SYMBOL
 
 
-def banned_tokens(dictionary):
+def banned_tokens(dictionary, ctc=False):
     """Ids never emitted (they carry no text): ``<pad>``, ``<s>`` and ``<mask>``. Generation and the
-    soft-exit argmax in training both ban them, so the embeddings fed upward agree."""
+    soft-exit argmax in training both ban them, so the embeddings fed upward agree. With ``ctc``
+    (``--ctc``), ``<mask>`` is the blank and may be written, and ``</s>``, never a CTC target, is banned."""
     ids = {dictionary.pad(), dictionary.bos()}
-    if MASK_SYMBOL in dictionary:
+    if ctc:
+        ids.add(dictionary.eos())
+    elif MASK_SYMBOL in dictionary:
         ids.add(dictionary.index(MASK_SYMBOL))
     return sorted(ids)
 

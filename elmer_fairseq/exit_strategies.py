@@ -16,7 +16,7 @@ of ``ExitStrategy`` here and one line in ``STRATEGIES``.
   embedded and mixed into the next layer's input; read at the last layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +33,13 @@ class TrainingBatch:
     returns the (label-smoothed loss, nll loss) sums, over the positions of
     weight 1 if a 0/1 ``weight`` is given (``lplm_criterion.smoothed_nll``). ``exit_layers`` (k*B, T) fixes LPLM's
     draw (tests); ``samples`` is ``--lplm-samples``.
+
+    ``sequence_loss`` (``--ctc``): the loss is not per position but of the whole canvas, a function of
+    its logits (T, B, V) returning (loss, nll); ``mask`` then marks every canvas slot and ``targets``
+    holds no reference. ``gold``/``gold_mask`` (B, T): the tokens soft exit may feed upward in
+    training (``--soft-gold-prob``); by default ``targets``/``mask``, under ``--ctc`` the reference's
+    alignment if one was computed (GLAT), else None. Strategies score through ``score_rows`` and
+    ``score_canvas``, which serve both.
     """
 
     model: torch.nn.Module
@@ -45,6 +52,27 @@ class TrainingBatch:
     nll: Callable
     samples: int = 1
     exit_layers: Optional[torch.Tensor] = None
+    sequence_loss: Optional[Callable] = None
+    gold: Optional[torch.Tensor] = None
+    gold_mask: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.sequence_loss is None and self.gold is None:
+            self.gold, self.gold_mask = self.targets, self.mask
+
+    def score_rows(self, logits):
+        """(loss, nll) of ``logits`` (N, V) of the positions ``mask`` marks, in (B, T) row-major order."""
+        if self.sequence_loss is None:
+            return self.nll(logits, self.targets[self.mask])
+        full = logits.new_zeros(self.mask.shape + logits.shape[-1:])
+        full[self.mask] = logits
+        return self.sequence_loss(full.transpose(0, 1))
+
+    def score_canvas(self, logits):
+        """(loss, nll) of ``logits`` (T, B, V) of the whole canvas, read at the positions ``mask`` marks."""
+        if self.sequence_loss is None:
+            return self.nll(logits, self.targets.t(), self.mask.t())
+        return self.sequence_loss(logits)
 
 
 def sample_exit_layers(canvas, num_layers: int, k: int, generator=None):
@@ -106,7 +134,9 @@ class LPLMStrategy(ExitStrategy):
         exit_layers = exit_layers.masked_fill(canvas.eq(batch.pad), 1)  # padding runs no extra layer
         states, _ = model(prev_output_tokens=canvas, exit_layers=exit_layers, **batch.net_input)
         layers = exit_layers[mask]
-        loss, nll_loss = batch.nll(model.decoder.project(states[mask], layers), targets[mask])
+        if k > 1 and batch.sequence_loss is not None:
+            raise ValueError("--lplm-samples above 1 does not combine with --ctc")
+        loss, nll_loss = replace(batch, targets=targets, mask=mask).score_rows(model.decoder.project(states[mask], layers))
         return loss, nll_loss, layers, k
 
 
@@ -131,11 +161,11 @@ class HardStrategy(ExitStrategy):
         states, extra = model(prev_output_tokens=batch.canvas, policy=policy, return_all_hiddens=all_layers,
                               **batch.net_input)
         layers = extra["exit_layers"][mask]
-        loss, nll_loss = batch.nll(model.decoder.project(states[mask], layers), targets[mask])
+        loss, nll_loss = batch.score_rows(model.decoder.project(states[mask], layers))
         if all_layers:
             per_layer = extra["layer_outputs"]
             for layer, h in enumerate(per_layer, start=1):
-                l_loss, _ = batch.nll(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer), targets[mask])
+                l_loss, _ = batch.score_rows(model.decoder.off_ramp(h.transpose(0, 1)[mask], layer))
                 loss = loss + l_loss / len(per_layer)
         return loss, nll_loss, layers, 1
 
@@ -154,25 +184,24 @@ class SoftStrategy(ExitStrategy):
     def training_loss(self, batch):
         """Soft early exit (Eq. 11-12): cross-entropy at every layer, averaged over layers;
         nll_loss reports the last layer, which generation reads."""
-        model, targets, mask = batch.model, batch.targets, batch.mask
+        model, mask = batch.model, batch.mask
         policy = SoftExit(
-            gold=targets,
-            gold_mask=mask,
+            gold=batch.gold,
+            gold_mask=batch.gold_mask,
             gold_prob=model.cfg.soft_gold_prob if model.training else 0.0,
             keep_logits=True,
             banned=batch.banned,  # as in generation: the next layer sees the embedding generation feeds it
         )
         states, extra = model(prev_output_tokens=batch.canvas, policy=policy, **batch.net_input)
         L = model.num_exit_layers
-        loss, nll_loss = batch.nll(model.decoder.off_ramp(states[mask], L), targets[mask])
+        loss, nll_loss = batch.score_rows(model.decoder.off_ramp(states[mask], L))
         loss = loss / L
         # the inner layers' logits are (T, B, V), computed at every position for the argmax: the loss
         # reads the trained positions in place (no gather of vocabulary-sized rows)
-        targets_t, mask_t = targets.t(), mask.t()
         for logits in extra["predictions"].get("layer_logits", []):
-            l_loss, _ = batch.nll(logits, targets_t, mask_t)
+            l_loss, _ = batch.score_canvas(logits)
             loss = loss + l_loss / L
-        return loss, nll_loss, torch.full_like(targets[mask], L), 1
+        return loss, nll_loss, torch.full((int(mask.sum()),), L, dtype=torch.long, device=mask.device), 1
 
 
 STRATEGIES = {s.name: s for s in (LPLMStrategy(), HardStrategy(), SoftStrategy())}

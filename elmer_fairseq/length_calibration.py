@@ -179,6 +179,9 @@ def main(argv=None):
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
     model = models[0].eval()
+    if getattr(model.cfg, "ctc", False):
+        p.error(f"{args.path} was trained with --ctc: its output length comes from the one pass (repeats merged, "
+                "blanks dropped); there is no </s> penalty or length quantile to calibrate")
     if torch.cuda.is_available() and not args.cpu:
         model.cuda()
     task.load_dataset(args.subset)

@@ -17,6 +17,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 from .canvas import align_targets
+from .ctc import ctc_loss, ctc_targets, feasible, viterbi_alignment
 from .exit_policies import allowed_argmax, banned_tokens
 from .exit_strategies import STRATEGIES, TrainingBatch, strategy_of
 from .option_checks import add_checked_args, at_least, check_fields, within
@@ -121,6 +122,7 @@ class LPLMCriterion(FairseqCriterion):
         self.glat_anneal_updates = glat_anneal_updates or 0
         self.num_updates = 0
         self.banned = banned_tokens(task.target_dictionary)
+        self.banned_ctc = banned_tokens(task.target_dictionary, ctc=True)
 
     @classmethod
     def add_args(cls, parser):
@@ -145,25 +147,48 @@ class LPLMCriterion(FairseqCriterion):
         src_lengths = sample["net_input"]["src_lengths"]
         canvas = model.initialize_canvas(src_lengths)
         pad, eos = self.task.target_dictionary.pad(), self.task.target_dictionary.eos()
-        targets, mask, n_long = align_targets(
-            sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
-        )
+        ctc = getattr(model.cfg, "ctc", False)
+        banned = self.banned_ctc if ctc else self.banned
         # fixed exit layers (tests) are an LPLM pass whatever the model's strategy
         strategy = STRATEGIES["lplm"] if exit_layers is not None else strategy_of(model.cfg)
         if self.k != 1 and not strategy.samples:
             raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy.name}")
         revealed = None
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
-        if self.glat and model.training:
+        glance = self.glat and model.training
+        if glance:
             # one encoder pass (with gradient) serves the glancing pass and the trained pass
             net_input["encoder_out"] = model.encoder(src_tokens, src_lengths=src_lengths)
-            canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
-        loss, nll_loss, layers, k = strategy.training_loss(TrainingBatch(
-            model=model, net_input=net_input, canvas=canvas, targets=targets, mask=mask, pad=pad,
-            banned=self.banned, nll=self._nll, samples=self.k, exit_layers=exit_layers,
-        ))
+        common = dict(model=model, net_input=net_input, pad=pad, banned=banned, nll=self._nll, samples=self.k,
+                      exit_layers=exit_layers)
+        if ctc:
+            reference, ref_lengths = ctc_targets(sample["target"], pad, eos)
+            slots = canvas.ne(pad)
+            canvas_lengths = slots.sum(1)
+            fits = feasible(reference, ref_lengths, canvas_lengths)
+            n_long = (~fits).sum()
+            blank = model.decoder.mask_idx
+            alignment = None
+            if glance:
+                canvas, alignment, revealed = self._glance_ctc(
+                    model, net_input, canvas, reference, ref_lengths, canvas_lengths, fits, blank)
 
-        sample_size = mask.sum()
+            def sequence_loss(logits):
+                return ctc_loss(logits, reference, ref_lengths, canvas_lengths, blank, self.eps)[:2]
+
+            batch = TrainingBatch(canvas=canvas, targets=canvas, mask=slots, sequence_loss=sequence_loss,
+                                  gold=alignment, gold_mask=None if alignment is None else slots, **common)
+            sample_size = (ref_lengths * fits).sum()
+        else:
+            targets, mask, n_long = align_targets(
+                sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
+            )
+            if glance:
+                canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
+            batch = TrainingBatch(canvas=canvas, targets=targets, mask=mask, **common)
+            sample_size = mask.sum()
+        loss, nll_loss, layers, k = strategy.training_loss(batch)
+
         logging_output = {
             "loss": loss.data / k,
             "nll_loss": nll_loss.data / k,
@@ -171,6 +196,7 @@ class LPLMCriterion(FairseqCriterion):
             "nsentences": src_tokens.size(0),
             "sample_size": sample_size,
             "exit_layer_sum": layers.sum().data / k,
+            "exit_tokens": layers.numel() / k,  # trained tokens, or (--ctc) canvas slots
             "long_targets": n_long,
         }
         # per-layer exit counts (the exit_frac_l* scalars); bincount stays on the device
@@ -189,21 +215,45 @@ class LPLMCriterion(FairseqCriterion):
         uniformly among the reference tokens. Returns (canvas, loss mask without the revealed
         positions, revealed (B, T))."""
         pad = self.task.target_dictionary.pad()
-        policy = strategy_of(model.cfg).generation_policy(model.cfg, banned=self.banned)
         with torch.no_grad():
-            states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
-            if policy.predicts:
-                predicted = extra["predictions"]["tokens"]
-            else:
-                logits = model.decoder.off_ramp(states, model.num_exit_layers)
-                predicted = allowed_argmax(logits, self.banned)
-            wrong = (predicted.ne(targets) & mask).sum(1)
-            n_reveal = (wrong.float() * self.glancing_ratio()).long()
-            candidates = mask & targets.ne(pad)
-            keys = torch.rand(canvas.shape, device=canvas.device).masked_fill(~candidates, 2.0)
-            rank = keys.argsort(1).argsort(1)
-            revealed = (rank < n_reveal[:, None]) & candidates
+            predicted, _ = self._first_pass(model, net_input, canvas, self.banned)
+            revealed = self._reveal(predicted.ne(targets) & mask, mask & targets.ne(pad))
         return torch.where(revealed, targets, canvas), mask & ~revealed, revealed
+
+    def _glance_ctc(self, model, net_input, canvas, reference, ref_lengths, canvas_lengths, fits, blank):
+        """Glancing under --ctc (as Gu and Kong 2021): the first pass's most probable CTC path of the
+        reference (``ctc.viterbi_alignment``) stands for the reference on the canvas; d counts the
+        positions whose prediction differs from it (blanks included), and ratio x d of its non-blank
+        positions get their token on the canvas. Returns (canvas, alignment (B, T), revealed (B, T))."""
+        slots = canvas.ne(self.task.target_dictionary.pad()) & fits[:, None]
+        with torch.no_grad():
+            predicted, logits = self._first_pass(model, net_input, canvas, self.banned_ctc, need_logits=True)
+            alignment = viterbi_alignment(torch.log_softmax(logits.float(), -1), reference, ref_lengths,
+                                          canvas_lengths, blank)
+            revealed = self._reveal(predicted.ne(alignment) & slots, slots & alignment.ne(blank))
+        return torch.where(revealed, alignment, canvas), alignment, revealed
+
+    @staticmethod
+    def _first_pass(model, net_input, canvas, banned, need_logits=False):
+        """GLAT's no-grad pass with the generation policy of the model's strategy: the predicted
+        tokens (B, T) and (``need_logits``, or if the policy predicts nothing itself) the logits
+        they came from (B, T, V), each position at its exit layer; else None."""
+        policy = strategy_of(model.cfg).generation_policy(model.cfg, banned=banned)
+        states, extra = model(prev_output_tokens=canvas, policy=policy, **net_input)
+        if policy.predicts and not need_logits:  # hard exit kept each token's argmax at its exit layer
+            return extra["predictions"]["tokens"], None
+        layers = extra["exit_layers"].clamp(min=1)  # padding: any layer
+        logits = model.decoder.project(states.reshape(-1, states.size(-1)), layers.reshape(-1))
+        logits = logits.view(states.shape[:2] + logits.shape[-1:])
+        return allowed_argmax(logits, banned), logits
+
+    def _reveal(self, wrong, candidates):
+        """Which positions show their reference token: per sentence ratio x (wrong positions),
+        drawn uniformly among ``candidates`` (both (B, T) bool)."""
+        n_reveal = (wrong.sum(1).float() * self.glancing_ratio()).long()
+        keys = torch.rand(candidates.shape, device=candidates.device).masked_fill(~candidates, 2.0)
+        rank = keys.argsort(1).argsort(1)
+        return (rank < n_reveal[:, None]) & candidates
 
     def _nll(self, logits, target, weight=None):
         return smoothed_nll(logits, target, self.eps, weight)
@@ -218,11 +268,13 @@ class LPLMCriterion(FairseqCriterion):
         metrics.log_scalar("loss", total("loss") / denom / math.log(2), sample_size, round=3)
         metrics.log_scalar("nll_loss", total("nll_loss") / denom / math.log(2), sample_size, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        metrics.log_scalar("exit_layer", total("exit_layer_sum") / denom, sample_size, round=2)
+        # exit statistics per exiting token: the trained tokens, or under --ctc the canvas slots
+        exits = max(total("exit_tokens"), 1) if any("exit_tokens" in log for log in logging_outputs) else denom
+        metrics.log_scalar("exit_layer", total("exit_layer_sum") / exits, sample_size, round=2)
         count_keys = sorted({key for log in logging_outputs for key in log if key.startswith("exit_count_l")},
                             key=lambda key: int(key[len("exit_count_l"):]))
         for key in count_keys:  # the share of trained tokens exiting at each layer (tensorboard: one curve each)
-            metrics.log_scalar("exit_frac_l" + key[len("exit_count_l"):], total(key) / denom, sample_size, round=3)
+            metrics.log_scalar("exit_frac_l" + key[len("exit_count_l"):], total(key) / exits, sample_size, round=3)
         metrics.log_scalar_sum("long_targets", total("long_targets"))
         if any("glat_revealed" in log for log in logging_outputs):
             nsentences = max(total("nsentences"), 1)

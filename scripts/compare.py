@@ -42,6 +42,7 @@ A stage whose output exists is not run again, so an interrupted run resumes wher
 import argparse
 import json
 import lzma
+import math
 import os
 import re
 import shutil
@@ -94,6 +95,11 @@ ELMER_DECODES = {
     "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)":
         calibrated(neighbours=4, unit="words", rule="quantile", ratio=0.95),
 }
+# --ctc: the output is the canvas with repeats merged and blanks dropped, no length knob to read
+CTC_DECODES = {"ctc (repeats merged, blanks dropped)": []}
+# a --ctc system's canvas: the data's (the p99 of training targets + 1) times this, so that a path
+# (a blank between equal neighbours, room to spare) fits the long targets too
+CTC_CANVAS_FACTOR = 1.5
 SYSTEMS = {
     "ar": ([], {"beam 4": ["--beam", "4"], "greedy": ["--beam", "1"]}),
     # the AR without dropout: the baseline under the students' --dropout 0 (a fairness check, not the baseline)
@@ -109,6 +115,8 @@ SYSTEMS = {
     "elmer-soft-kdmix-glat": (["--early-exit", "soft", "--glat"], ELMER_DECODES),
     "elmer-hard-kd-glat": (["--early-exit", "hard", "--glat"], ELMER_DECODES),
     "elmer-lplm-kd-glat": (["--early-exit", "lplm", "--glat"], ELMER_DECODES),
+    # CTC over a longer canvas (elmer_fairseq/ctc.py): length and repeats decided by the one pass
+    "elmer-soft-kd-glat-d0-ctc": (["--early-exit", "soft", "--glat", "--dropout", "0", "--ctc"], CTC_DECODES),
 }
 TEACHER = "ar teacher"  # the AR trained on to --teacher-updates: scored like "ar", beam 4 only
 DEFAULT_SYSTEMS = "ar,elmer-soft-glat"  # the 1,800-update debsum comparison (README)
@@ -254,6 +262,8 @@ def train_flags(args, name, max_update=None):
         return AR_TRAIN + common + extra
     if "--glat" in extra:
         extra = extra + ["--glat-anneal-updates", str(args.max_update)]
+    if "--ctc" in extra:
+        canvas = dict(canvas, canvas_len_b=math.ceil(canvas["canvas_len_b"] * CTC_CANVAS_FACTOR))
     return elmer_train_flags(canvas) + common + extra
 
 
@@ -397,9 +407,9 @@ def mix(args):
 
 def elmer_decodes(args, name):
     """The decode labels a system is read with: the AR's all; an ELMER system's those of --elmer-decode
-    (in ELMER_DECODES' order), all if none was given."""
+    (in ELMER_DECODES' order), all if none was given; a --ctc system's its one reading."""
     _, decodes = spec(name)
-    if is_ar(name) or not args.elmer_decode:
+    if is_ar(name) or not args.elmer_decode or decodes is CTC_DECODES:
         return list(decodes)
     return [label for label in decodes if label in args.elmer_decode]
 

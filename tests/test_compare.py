@@ -2,6 +2,7 @@
 distillation step, and the scoring helpers it reports."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -148,7 +149,7 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "scripts", "compare.py"), os.path.join(REPO, "data-bin", "sample-raw"),
            "--work", str(work), "--size", "tiny", "--max-update", "8", "--save-every", "4", "--warmup", "4",
            "--train-limit", "200", "--valid-limit", "16", "--vocab", "300", "--bs1-sentences", "2",
-           "--systems", "ar,elmer-soft-kd-glat", "--calibration-pairs", "50"]
+           "--systems", "ar,elmer-soft-kd-glat,elmer-soft-kd-glat-d0-ctc", "--calibration-pairs", "50"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((work / "compare.json").read_text())
@@ -162,7 +163,8 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
                          ("elmer-soft-kd-glat", "no repeated neighbours (4 best), median </s>"),
                          ("elmer-soft-kd-glat", "no repeated neighbours (4 best), length quantile from train (words)"),
                          ("elmer-soft-kd-glat",
-                          "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)")}
+                          "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)"),
+                         ("elmer-soft-kd-glat-d0-ctc", "ctc (repeats merged, blanks dropped)")}
     for r in rows.values():
         assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
         assert r["length_ratio"] >= 0 and r["bs1_ms"] > 0 and r["updates"] == 8  # 8 updates may write nothing
@@ -179,6 +181,10 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     assert rows[("elmer-soft-kd-glat", label)]["flags"] == [
         "--length-rule", "quantile", "--length-quantile", str(quantile["length_quantile"]), "--no-repeat-neighbours", "4"]
     assert rows[("elmer-soft-kd-glat", label)]["length_quantile"] == quantile["length_quantile"]
+    # the CTC student trained with --ctc on a canvas 1.5 times the data's, read as CTC reads it
+    ctc_cfg = torch.load(work / "elmer-soft-kd-glat-d0-ctc" / "checkpoint_last.pt", weights_only=True)["cfg"]["model"]
+    canvas_b = json.loads((work / "bin" / "canvas.json").read_text())["canvas_len_b"]
+    assert ctc_cfg.ctc and ctc_cfg.canvas_len_b == math.ceil(1.5 * canvas_b)
     elmer = rows[("elmer-soft-kd-glat", "most probable </s>")]
     assert elmer["time_matched_updates"] in (0, 4, 8) and "time_matched_rougeL" in elmer
     # the distilled training targets are the teacher's beam outputs, one per training pair
@@ -380,6 +386,7 @@ def test_elmer_decode_reads_the_elmer_systems_with_the_chosen_decodes_only():
     assert compare.elmer_decodes(chosen, "ar-d0") == ["beam 4", "greedy"]
     assert compare.elmer_decodes(chosen, compare.TEACHER) == ["beam 4"]
     assert compare.elmer_decodes(harness_args("work", elmer_decode=None), "elmer-soft-glat") == labels
+    assert compare.elmer_decodes(chosen, "elmer-soft-kd-glat-d0-ctc") == list(compare.CTC_DECODES)
     with pytest.raises(SystemExit) as refused:
         compare.main(["raw", "--elmer-decode", "no such decode"])
     assert refused.value.code == 2
