@@ -136,7 +136,8 @@ class LPLMStrategy(ExitStrategy):
         layers = exit_layers[mask]
         if k > 1 and batch.sequence_loss is not None:
             raise ValueError("--lplm-samples above 1 does not combine with --ctc")
-        loss, nll_loss = replace(batch, targets=targets, mask=mask).score_rows(model.decoder.project(states[mask], layers))
+        logits = model.decoder.project(states[mask], layers)
+        loss, nll_loss = replace(batch, targets=targets, mask=mask).score_rows(logits)
         return loss, nll_loss, layers, k
 
 

@@ -146,47 +146,21 @@ class LPLMCriterion(FairseqCriterion):
         src_tokens = sample["net_input"]["src_tokens"]
         src_lengths = sample["net_input"]["src_lengths"]
         canvas = model.initialize_canvas(src_lengths)
-        pad, eos = self.task.target_dictionary.pad(), self.task.target_dictionary.eos()
         ctc = getattr(model.cfg, "ctc", False)
-        banned = self.banned_ctc if ctc else self.banned
         # fixed exit layers (tests) are an LPLM pass whatever the model's strategy
         strategy = STRATEGIES["lplm"] if exit_layers is not None else strategy_of(model.cfg)
         if self.k != 1 and not strategy.samples:
             raise ValueError(f"--lplm-samples {self.k} applies to --early-exit lplm only, not {strategy.name}")
-        revealed = None
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths}
         glance = self.glat and model.training
         if glance:
             # one encoder pass (with gradient) serves the glancing pass and the trained pass
             net_input["encoder_out"] = model.encoder(src_tokens, src_lengths=src_lengths)
-        common = dict(model=model, net_input=net_input, pad=pad, banned=banned, nll=self._nll, samples=self.k,
+        common = dict(model=model, net_input=net_input, pad=self.task.target_dictionary.pad(),
+                      banned=self.banned_ctc if ctc else self.banned, nll=self._nll, samples=self.k,
                       exit_layers=exit_layers)
-        if ctc:
-            reference, ref_lengths = ctc_targets(sample["target"], pad, eos)
-            slots = canvas.ne(pad)
-            canvas_lengths = slots.sum(1)
-            fits = feasible(reference, ref_lengths, canvas_lengths)
-            n_long = (~fits).sum()
-            blank = model.decoder.mask_idx
-            alignment = None
-            if glance:
-                canvas, alignment, revealed = self._glance_ctc(
-                    model, net_input, canvas, reference, ref_lengths, canvas_lengths, fits, blank)
-
-            def sequence_loss(logits):
-                return ctc_loss(logits, reference, ref_lengths, canvas_lengths, blank, self.eps)[:2]
-
-            batch = TrainingBatch(canvas=canvas, targets=canvas, mask=slots, sequence_loss=sequence_loss,
-                                  gold=alignment, gold_mask=None if alignment is None else slots, **common)
-            sample_size = (ref_lengths * fits).sum()
-        else:
-            targets, mask, n_long = align_targets(
-                sample["target"], canvas, pad, eos, model.cfg.post_eos, model.cfg.long_target
-            )
-            if glance:
-                canvas, mask, revealed = self._glance(model, net_input, canvas, targets, mask)
-            batch = TrainingBatch(canvas=canvas, targets=targets, mask=mask, **common)
-            sample_size = mask.sum()
+        make = self._ctc_batch if ctc else self._aligned_batch
+        batch, sample_size, n_long, revealed = make(model, sample, canvas, glance, common)
         loss, nll_loss, layers, k = strategy.training_loss(batch)
 
         logging_output = {
@@ -207,6 +181,40 @@ class LPLMCriterion(FairseqCriterion):
             logging_output["glat_revealed"] = revealed.sum().data
             logging_output["glat_ratio_x1000"] = 1000 * self.glancing_ratio() * src_tokens.size(0)
         return loss / k, sample_size, logging_output
+
+    def _aligned_batch(self, model, sample, canvas, glance, common):
+        """The reference laid on the canvas position by position (``align_targets``), glanced at with
+        --glat: (TrainingBatch, sample size = trained positions, long targets, revealed or None)."""
+        d = self.task.target_dictionary
+        targets, mask, n_long = align_targets(
+            sample["target"], canvas, d.pad(), d.eos(), model.cfg.post_eos, model.cfg.long_target
+        )
+        revealed = None
+        if glance:
+            canvas, mask, revealed = self._glance(model, common["net_input"], canvas, targets, mask)
+        return TrainingBatch(canvas=canvas, targets=targets, mask=mask, **common), mask.sum(), n_long, revealed
+
+    def _ctc_batch(self, model, sample, canvas, glance, common):
+        """--ctc: the whole canvas scored by ``ctc.ctc_loss`` against the reference without </s>, glanced
+        at with --glat through its alignment: (TrainingBatch, sample size = reference tokens with a
+        path on their canvas, references without one, revealed or None)."""
+        d = self.task.target_dictionary
+        reference, ref_lengths = ctc_targets(sample["target"], d.pad(), d.eos())
+        slots = canvas.ne(d.pad())
+        canvas_lengths = slots.sum(1)
+        fits = feasible(reference, ref_lengths, canvas_lengths)
+        blank = model.decoder.mask_idx
+        alignment = revealed = None
+        if glance:
+            canvas, alignment, revealed = self._glance_ctc(
+                model, common["net_input"], canvas, reference, ref_lengths, canvas_lengths, fits, blank)
+
+        def sequence_loss(logits):
+            return ctc_loss(logits, reference, ref_lengths, canvas_lengths, blank, self.eps)[:2]
+
+        batch = TrainingBatch(canvas=canvas, targets=canvas, mask=slots, sequence_loss=sequence_loss,
+                              gold=alignment, gold_mask=None if alignment is None else slots, **common)
+        return batch, (ref_lengths * fits).sum(), (~fits).sum(), revealed
 
     def _glance(self, model, net_input, canvas, targets, mask):
         """Glancing sampling (GLAT): predict the canvas in one no-grad pass with the generation
