@@ -141,6 +141,13 @@ def choose_lengths(eos_scores, valid, post_eos: str, rule: str, quantile: float 
     return reached.float().argmax(1) + 1
 
 
+def ctc_canvas(tokens, scores, blank_scores, blank: int, penalty: float = 0.0):
+    """The labels of a --ctc canvas (B, T) and their scores: the blank where ``blank_scores - penalty``
+    beats the best other token's score, else that token (penalty 0: the argmax)."""
+    is_blank = blank_scores - penalty > scores
+    return torch.where(is_blank, torch.full_like(tokens, blank), tokens), torch.where(is_blank, blank_scores, scores)
+
+
 def is_ctc(model):
     """Whether the model was trained with --ctc (older checkpoints: no)."""
     return bool(getattr(model.cfg, "ctc", False))
@@ -163,7 +170,8 @@ class EarlyExitGenerator:
     """
 
     def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
-                 length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0, length_quantile=0.5):
+                 length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0, length_quantile=0.5,
+                 blank_penalty=0.0):
         if length_rule not in LENGTH_RULES:
             raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
         if not 0.0 < length_quantile < 1.0:
@@ -178,6 +186,7 @@ class EarlyExitGenerator:
         self.compile = compile
         self.length_rule = length_rule
         self.eos_penalty = eos_penalty
+        self.blank_penalty = blank_penalty
         if no_repeat_neighbours == 1 or no_repeat_neighbours < 0:
             raise ValueError(f"--no-repeat-neighbours must be 0 (off) or at least 2, got {no_repeat_neighbours}")
         self.candidates = no_repeat_neighbours
@@ -188,8 +197,9 @@ class EarlyExitGenerator:
 
     def make_policy(self, model):
         """The exit rule: --exit-threshold if given, else the checkpoint's --early-exit strategy."""
-        if is_ctc(model):
-            return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned_ctc)
+        if is_ctc(model):  # the blank plays </s>'s part: the predictions keep log p(blank) and the best other
+            return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned_ctc,
+                                                            eos=model.decoder.mask_idx)
         return strategy_of(model.cfg).generation_policy(model.cfg, self.exit_threshold, self.banned, eos=self.eos)
 
     def check_ctc(self, model):
@@ -199,13 +209,13 @@ class EarlyExitGenerator:
                                        (f"--no-repeat-neighbours {self.candidates}", self.candidates > 0)) if on]
         if given:
             raise ValueError(f"{', '.join(given)}: not for a model trained with --ctc, whose output length comes "
-                             "from merging repeats and dropping blanks; leave them at their defaults")
+                             "from merging repeats and dropping blanks (--blank-penalty moves it); leave them at their defaults")
 
     @torch.no_grad()
     def position_scores(self, model, src_tokens, src_lengths):
         """The one pass, before any length decision: per canvas position (each (B, T)) the best token
         other than ``</s>``, its log-probability, log p(``</s>``), the exit layer, and the padding mask.
-        A --ctc model: the best token, the blank included, and None for log p(``</s>``)."""
+        A --ctc model: the best token other than the blank, and log p(blank) in place of log p(``</s>``)."""
         canvas = model.initialize_canvas(src_lengths)
         pad = canvas.eq(self.pad)
         policy = self.make_policy(model)
@@ -216,12 +226,12 @@ class EarlyExitGenerator:
             states, extra = model(src_tokens, src_lengths, canvas, policy=policy)
             exit_layers = extra["exit_layers"]
             logits = None if policy.predicts else model.decoder.off_ramp(states, model.num_exit_layers)
-        if is_ctc(model):  # the blank may win; </s> never does
+        if is_ctc(model):  # the best token other than the blank, and log p(blank); </s> is never written
             if logits is None:
                 found = extra["predictions"]
-                return found["tokens"], found["scores"], None, exit_layers, pad
-            scores, tokens = best_tokens(logits.float(), self.banned_ctc)
-            return tokens, scores, None, exit_layers, pad
+                return found["tokens"], found["scores"], found["eos_scores"], exit_layers, pad
+            scores, tokens, blank_scores = best_tokens(logits.float(), self.banned_ctc, model.decoder.mask_idx)
+            return tokens, scores, blank_scores, exit_layers, pad
         if logits is None:  # hard exit read each token at its own exit layer already
             if self.candidates:
                 raise ValueError("--no-repeat-neighbours needs each position's best tokens at one layer: decode "
@@ -242,7 +252,9 @@ class EarlyExitGenerator:
             self.check_ctc(model)
         tokens, scores, eos_scores, exit_layers, pad = self.position_scores(model, src_tokens, src_lengths)
         if is_ctc(model):
-            return self.read_ctc(tokens, scores, exit_layers, pad, model.decoder.mask_idx)
+            return self.read_ctc(tokens, scores, eos_scores, exit_layers, pad, model.decoder.mask_idx)
+        if self.blank_penalty:
+            raise ValueError(f"--blank-penalty {self.blank_penalty:g} applies to a model trained with --ctc only")
         if self.length_rule == "first-eos":  # </s> wherever it wins; the output ends at the first
             lengths = None
             is_eos = (eos_scores - self.eos_penalty > scores) & ~pad
@@ -255,9 +267,11 @@ class EarlyExitGenerator:
             lengths = cut_at_first_eos(tokens, self.eos, self.pad)
         return tokens, scores, exit_layers, lengths
 
-    def read_ctc(self, tokens, scores, exit_layers, pad, blank):
-        """A --ctc canvas read as its output (``ctc.collapse``: repeats merged, blanks dropped), then
-        ``</s>`` (score 0) after each output, as ``decode`` returns it."""
+    def read_ctc(self, tokens, scores, blank_scores, exit_layers, pad, blank):
+        """A --ctc canvas read as its output: each position writes the blank where log p(blank) minus
+        ``blank_penalty`` beats its best other token (``ctc_canvas``), then ``ctc.collapse`` (repeats
+        merged, blanks dropped), then ``</s>`` (score 0) after each output, as ``decode`` returns it."""
+        tokens, scores = ctc_canvas(tokens, scores, blank_scores, blank, self.blank_penalty)
         tokens, scores, lengths, exit_layers = collapse(tokens, scores, ~pad, blank, exit_layers)
         tokens, scores, exit_layers = (F.pad(t, (0, 1), value=v) for t, v in
                                        ((tokens, self.pad), (scores, 0.0), (exit_layers, 0)))

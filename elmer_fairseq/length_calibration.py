@@ -19,6 +19,9 @@ and score are then the ones that rule picks).
 the length distribution the per-position p(``</s>``) defines (``choose_lengths``), and the output ends at
 the first length whose cumulative probability reaches the level; generate with
 ``--length-rule quantile --length-quantile Q``.
+``--rule blank-penalty`` calibrates a model trained with ``--ctc`` (the only rule for one): the grid
+(``--penalties``) holds ``--blank-penalty`` values, each output is the canvas read as CTC reads it with
+that penalty on log p(blank); generate with ``--blank-penalty P``.
 """
 
 import argparse
@@ -29,12 +32,13 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils, utils
 
-from .early_exit_generator import EarlyExitGenerator, length_cdf, length_log_probs
+from .ctc import collapse as ctc_collapse
+from .early_exit_generator import EarlyExitGenerator, ctc_canvas, length_cdf, length_log_probs
 
 logger = logging.getLogger(__name__)
 
 # the length rule calibrated -> the generation option it sets (also the key of the choice in --json)
-KNOBS = {"first-eos": "eos-penalty", "quantile": "length-quantile"}
+KNOBS = {"first-eos": "eos-penalty", "quantile": "length-quantile", "blank-penalty": "blank-penalty"}
 
 
 def lengths_at_penalties(scores, eos_scores, pad, penalties):
@@ -95,11 +99,24 @@ def counted_lengths(tokens, lengths, collapse=False, marks=None):
     return torch.where(lengths > 0, prefix, torch.zeros_like(prefix))
 
 
+def ctc_lengths_at_penalties(tokens, scores, blank_scores, pad, penalties, blank, marks=None):
+    """Output lengths (P, B) of a --ctc canvas read at each ``--blank-penalty`` in ``penalties`` (P,)
+    (``ctc_canvas`` then ``ctc.collapse``, as generation reads it), in pieces, or in words with ``marks``. One reading per
+    grid value, each vectorised over the batch."""
+    out = []
+    for penalty in penalties.tolist():
+        labels, label_scores = ctc_canvas(tokens, scores, blank_scores, blank, penalty)
+        written, _, lengths = ctc_collapse(labels, label_scores, ~pad, blank)
+        out.append(lengths if marks is None else counted_lengths(written, lengths[None], marks=marks)[0])
+    return torch.stack(out)
+
+
 def length_table(model, generator, batches, penalties, pad_idx, collapse=False, marks=None, rule="first-eos"):
     """{grid value: (output length, reference length)} summed over ``batches`` (fairseq samples), in
     pieces, or in words with ``marks`` (``WordMarks``); with ``collapse``, outputs are counted
     after consecutive repeats are collapsed (as ``--collapse-repeats``). The grid values are
-    ``--eos-penalty`` values (``rule`` first-eos) or ``--length-quantile`` levels (``rule`` quantile)."""
+    ``--eos-penalty`` values (``rule`` first-eos), ``--length-quantile`` levels (``rule`` quantile) or
+    ``--blank-penalty`` values (``rule`` blank-penalty, a --ctc model)."""
     penalties_t = torch.tensor(penalties, dtype=torch.float)
     hyp = torch.zeros(len(penalties), dtype=torch.long)
     ref = 0
@@ -107,13 +124,17 @@ def length_table(model, generator, batches, penalties, pad_idx, collapse=False, 
         net = sample["net_input"]
         tokens, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
         grid = penalties_t.to(scores.device)
-        if rule == "quantile":
+        if rule == "blank-penalty":  # eos_scores: log p(blank); the lengths are counted already
+            hyp += ctc_lengths_at_penalties(tokens, scores.float(), eos_scores.float(), pad, grid,
+                                            model.decoder.mask_idx, marks).sum(1).cpu()
+        elif rule == "quantile":
             lengths = lengths_at_quantiles(eos_scores.float(), pad, grid, model.cfg.post_eos)
         else:
             lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, grid)
-        if collapse or marks is not None:
-            lengths = counted_lengths(tokens, lengths, collapse, marks)
-        hyp += lengths.sum(1).cpu()
+        if rule != "blank-penalty":
+            if collapse or marks is not None:
+                lengths = counted_lengths(tokens, lengths, collapse, marks)
+            hyp += lengths.sum(1).cpu()
         target = sample["target"]
         ref_lengths = target.ne(pad_idx).sum(1) - 1  # the reference's </s> not counted
         if marks is not None:
@@ -143,8 +164,10 @@ def main(argv=None):
     p.add_argument("--subset", default="train", help="a training split (never the one you report)")
     p.add_argument("--sentences", type=int, default=1000, help="pairs sampled from --subset")
     p.add_argument("--rule", choices=sorted(KNOBS), default="first-eos",
-                   help="the length rule calibrated: first-eos (its --eos-penalty) or quantile (its --length-quantile)")
-    p.add_argument("--penalties", default="0:8:0.25", help="--rule first-eos: grid START:STOP:STEP (STOP included)")
+                   help="the length rule calibrated: first-eos (its --eos-penalty), quantile (its --length-quantile) "
+                   "or, for a model trained with --ctc, blank-penalty (its --blank-penalty)")
+    p.add_argument("--penalties", default="0:8:0.25",
+                   help="--rule first-eos or blank-penalty: grid START:STOP:STEP (STOP included)")
     p.add_argument("--quantiles", default="0.5:0.995:0.005",
                    help="--rule quantile: grid START:STOP:STEP of levels, each strictly between 0 and 1")
     p.add_argument("--target-ratio", type=float, default=1.0, help="wanted output/reference length ratio")
@@ -179,9 +202,12 @@ def main(argv=None):
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides={"data": args.data})
     model = models[0].eval()
-    if getattr(model.cfg, "ctc", False):
-        p.error(f"{args.path} was trained with --ctc: its output length comes from the one pass (repeats merged, "
-                "blanks dropped); there is no </s> penalty or length quantile to calibrate")
+    if getattr(model.cfg, "ctc", False) != (args.rule == "blank-penalty"):
+        p.error(f"--rule {args.rule}: {args.path} was trained with" + (" --ctc: its outputs have no </s> to move; "
+                "calibrate --rule blank-penalty" if model.cfg.ctc else "out --ctc: --rule blank-penalty is for "
+                "--ctc models"))
+    if args.rule == "blank-penalty" and (args.collapse_repeats or args.no_repeat_neighbours):
+        p.error("--collapse-repeats / --no-repeat-neighbours: not for a --ctc model (CTC merges repeats itself)")
     if torch.cuda.is_available() and not args.cpu:
         model.cuda()
     task.load_dataset(args.subset)

@@ -68,6 +68,12 @@ class NATEarlyExitConfig(TranslationConfig):
         metadata={"help": "generation, --length-rule first-eos: subtract this from log p(</s>) before the argmax "
                   "(> 0 gives longer outputs)"},
     )
+    blank_penalty: float = field(
+        default=0.0,
+        metadata={"help": "generation, a model trained with --ctc: subtract this from log p(blank) before each "
+                  "position's argmax (> 0: fewer blanks, longer outputs); elmer_fairseq/length_calibration.py "
+                  "--rule blank-penalty picks it on training pairs"},
+    )
     no_repeat_neighbours: int = field(
         default=0,
         metadata={"help": "generation, last-layer or soft exit: K >= 2 keeps neighbouring positions from writing "
@@ -254,6 +260,7 @@ class NATEarlyExitTask(TranslationTask):
             eos_penalty=self.cfg.eos_penalty,
             no_repeat_neighbours=self.cfg.no_repeat_neighbours,
             length_quantile=self.cfg.length_quantile,
+            blank_penalty=self.cfg.blank_penalty,
         )
         extra = dict(extra_gen_cls_kwargs or {})
         # fairseq-generate always passes its LM-fusion arguments (None unless --lm-path)

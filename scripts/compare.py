@@ -95,8 +95,12 @@ ELMER_DECODES = {
     "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)":
         calibrated(neighbours=4, unit="words", rule="quantile", ratio=0.95),
 }
-# --ctc: the output is the canvas with repeats merged and blanks dropped, no length knob to read
-CTC_DECODES = {"ctc (repeats merged, blanks dropped)": []}
+# --ctc: the output is the canvas with repeats merged and blanks dropped; its length knob is a penalty
+# on log p(blank)
+CTC_DECODES = {
+    "ctc (repeats merged, blanks dropped)": [],
+    "ctc, blank penalty from train (words, ratio 0.95)": calibrated(unit="words", rule="blank-penalty", ratio=0.95),
+}
 # a --ctc system's canvas: the data's (the p99 of training targets + 1) times this, so that a path
 # (a blank between equal neighbours, room to spare) fits the long targets too
 CTC_CANVAS_FACTOR = 1.5
@@ -407,7 +411,7 @@ def mix(args):
 
 def elmer_decodes(args, name):
     """The decode labels a system is read with: the AR's all; an ELMER system's those of --elmer-decode
-    (in ELMER_DECODES' order), all if none was given; a --ctc system's its one reading."""
+    (in ELMER_DECODES' order), all if none was given; a --ctc system's all (CTC_DECODES)."""
     _, decodes = spec(name)
     if is_ar(name) or not args.elmer_decode or decodes is CTC_DECODES:
         return list(decodes)
@@ -425,8 +429,8 @@ def generate(args, name, label, ckpt, tag=""):
         flags, knob = decodes[label], None
         if isinstance(flags, dict):
             knob, option = calibrated_knob(args, name, ckpt, **flags), KNOBS[flags["rule"]]
-            flags = ["--length-rule", flags["rule"], f"--{option}", str(knob)] + rule_flags(flags["collapse"],
-                                                                                          flags["neighbours"])
+            rule = [] if flags["rule"] == "blank-penalty" else ["--length-rule", flags["rule"]]
+            flags = rule + [f"--{option}", str(knob)] + rule_flags(flags["collapse"], flags["neighbours"])
         cmd = [tool("fairseq-generate"), os.path.join(args.work, "bin"), "--path", ckpt, "--gen-subset", "valid",
                "--batch-size", "64", "--post-process", "sentencepiece", *cpu_flag(args),
                "--max-source-positions", "512", "--truncate-source", *flags,
@@ -458,12 +462,13 @@ def generate(args, name, label, ckpt, tag=""):
 
 
 def calibrated_knob(args, name, ckpt, collapse=False, neighbours=0, unit="pieces", rule="first-eos", ratio=1.0):
-    """The --eos-penalty (rule first-eos) or --length-quantile (rule quantile) whose output/reference
+    """The --eos-penalty (rule first-eos), --length-quantile (rule quantile) or --blank-penalty (rule
+    blank-penalty, a --ctc system) whose output/reference
     length ratio on --calibration-pairs training pairs is nearest ``ratio`` (elmer_fairseq/length_calibration.py;
     cached), with ``collapse`` the length after --collapse-repeats, with ``neighbours`` the outputs of
     --no-repeat-neighbours, counted in ``unit`` (pieces or words). The valid split is not read."""
     tag = ((".collapsed" if collapse else "") + (f".k{neighbours}" if neighbours else "")
-           + ("" if unit == "pieces" else f".{unit}") + (".quantile" if rule == "quantile" else "")
+           + ("" if unit == "pieces" else f".{unit}") + ("" if rule == "first-eos" else f".{rule}")
            + ("" if ratio == 1.0 else f".ratio{ratio:g}"))
     out = os.path.join(folder(args, name), f"calibration{tag}.{os.path.basename(ckpt)}.json")
     if not os.path.exists(out):
