@@ -5,9 +5,8 @@
 #   train    fairseq-train --task nat_early_exit --arch elmer_nat --criterion lplm, Appendix B settings
 #            (Adam, lr 2e-5 from pre-trained weights, batch 20, 50 epochs, a checkpoint per epoch, the
 #            best by validation ROUGE-L of the early-exit generator: --eval-rouge)
-#   generate fairseq-generate on the test split (one pass; neighbouring positions write distinct tokens
-#            among their 4 best; the output ends at the quantile of the model's own length distribution
-#            whose output length in words is 0.95 of the references' on training pairs)
+#   generate fairseq-generate on the test split (one pass; CTC: repeats merged and blanks dropped, with the
+#            penalty on log p(blank) whose output length in words is 0.95 of the references' on training pairs)
 #   score    elmer-score --task $DATASET (the paper's columns)
 #   all      the four in order
 # Usage (through a dataset script): scripts/xsum.sh {prepare|train|generate|score|all} [RAW_DIR]
@@ -19,13 +18,16 @@
 #                  pretrain.sh); its dictionary must be the data's (GPT2_BPE_DIR's dict.txt)
 #   EARLY_EXIT     soft (default) | hard | lplm;  ARCH (elmer_nat);  LR (2e-5 with PRETRAINED, else 5e-4)
 #   GLAT           1 (default): glancing training (--glat); 0: off
-#   LENGTH_RULE    quantile (default): --length-rule quantile, its --length-quantile from LENGTH_QUANTILE;
+#   CTC            1 (default): --ctc, CTC over a canvas CTC_CANVAS (1.5) times the data's rule (canvas.env),
+#                  read with repeats merged and blanks dropped, the --blank-penalty from BLANK_PENALTY;
+#                  0: the output ends at a </s> (LENGTH_RULE); give the same CTC to train and generate
+#   LENGTH_RULE    CTC=0: quantile (default): --length-rule quantile, its --length-quantile from LENGTH_QUANTILE;
 #                  first-eos: the first </s> after the --eos-penalty from EOS_PENALTY
-#   LENGTH_QUANTILE, EOS_PENALTY  calibrate (default): picked on CALIBRATION_PAIRS (1000) training pairs so that
-#                  the output/reference length ratio there is nearest TARGET_RATIO (0.95)
+#   BLANK_PENALTY, LENGTH_QUANTILE, EOS_PENALTY  calibrate (default): picked on CALIBRATION_PAIRS (1000) training
+#                  pairs so that the output/reference length ratio there is nearest TARGET_RATIO (0.95)
 #                  (elmer_fairseq/length_calibration.py; the test split is not read); a number: use it
-#   NEIGHBOURS     4 (default; 0 with EARLY_EXIT=hard): generate (and calibrate) with --no-repeat-neighbours 4; 0: off
-#   COLLAPSE       0 (default): off; 1: generate with --collapse-repeats (and calibrate the length after it)
+#   NEIGHBOURS     CTC=0: 4 (default; 0 with EARLY_EXIT=hard): generate (and calibrate) with --no-repeat-neighbours 4
+#   COLLAPSE       CTC=0: 0 (default): off; 1: generate with --collapse-repeats (and calibrate the length after it)
 #                  (defaults measured on debsum valid: the best R-L with the output/reference length ratio in
 #                  0.9-1.1, README "Quality on real data"; the calibration counts words with a sentencepiece
 #                  vocabulary, pieces with GPT-2 BPE)
@@ -83,8 +85,12 @@ train() {
   [ -f "$DATA/canvas.env" ] || { echo "$DATASET.sh train: run prepare first (no $DATA/canvas.env)" >&2; exit 1; }
   # shellcheck disable=SC1090,SC1091
   source "$DATA/canvas.env"
-  local init=() lr=${LR:-5e-4} post=() glat=()
+  local init=() lr=${LR:-5e-4} post=() glat=() ctc=() canvas_b=$CANVAS_B
   if [ "${GLAT:-1}" = 1 ]; then glat=(--glat); fi
+  if [ "${CTC:-1}" = 1 ]; then
+    ctc=(--ctc)
+    canvas_b=$(python -c 'import math, sys; print(math.ceil(float(sys.argv[1]) * int(sys.argv[2])))' "${CTC_CANVAS:-1.5}" "$CANVAS_B")
+  fi
   if [ -n "${PRETRAINED:-}" ]; then
     [ -f "$PRETRAINED" ] || { echo "$DATASET.sh: PRETRAINED=$PRETRAINED does not exist" >&2; exit 1; }
     init=(--finetune-from-model "$PRETRAINED"); lr=${LR:-2e-5}
@@ -95,7 +101,7 @@ train() {
   mkdir -p "$SAVE"
   fairseq-train "$train_data" --user-dir elmer_fairseq \
     --task nat_early_exit --arch "${ARCH:-elmer_nat}" --criterion lplm --early-exit "${EARLY_EXIT:-soft}" "${glat[@]}" \
-    --canvas-len-a "$CANVAS_A" --canvas-len-b "$CANVAS_B" \
+    "${ctc[@]}" --canvas-len-a "$CANVAS_A" --canvas-len-b "$canvas_b" \
     --max-source-positions "${MAX_SOURCE:-512}" --truncate-source \
     --optimizer adam --adam-betas '(0.9, 0.999)' --lr "$lr" --lr-scheduler fixed --clip-norm 1.0 \
     --batch-size "${BATCH:-20}" --update-freq "${UPDATE_FREQ:-1}" --max-epoch "${MAX_EPOCH:-50}" \
@@ -107,16 +113,24 @@ train() {
 }
 
 generate() {
-  local post=() rule=${LENGTH_RULE:-quantile} rules=() unit=pieces neighbours option knob key
+  local post=() rule=${LENGTH_RULE:-quantile} rules=() unit=pieces neighbours option knob key rule_flag
   # hard exit reads each token at its own layer: the neighbour rule needs one layer's K best
   neighbours=${NEIGHBOURS:-$([ "${EARLY_EXIT:-soft}" = hard ] && echo 0 || echo 4)}
+  if [ "${CTC:-1}" = 1 ]; then
+    # CTC merges repeats itself and ends each output where the canvas reads so: its one knob is the blank's
+    [ -z "${LENGTH_RULE:-}" ] && [ "${NEIGHBOURS:-0}" = 0 ] && [ "${COLLAPSE:-0}" = 0 ] \
+      || { echo "CTC=1: LENGTH_RULE, NEIGHBOURS and COLLAPSE are for CTC=0 models" >&2; exit 2; }
+    rule=blank-penalty; neighbours=0
+  fi
   if [ "${COLLAPSE:-0}" = 1 ]; then rules=(--collapse-repeats); fi
   if [ "$neighbours" != 0 ]; then rules+=(--no-repeat-neighbours "$neighbours"); fi
   if [ "$(cat "$DATA/bpe")" = sentencepiece ]; then post=(--post-process sentencepiece); unit=words
   else post=(--bpe gpt2 --gpt2-encoder-json "$GPT2_BPE_DIR/encoder.json" --gpt2-vocab-bpe "$GPT2_BPE_DIR/vocab.bpe"); fi
+  rule_flag=(--length-rule "$rule")
   case "$rule" in
     quantile) option=--length-quantile; knob=${LENGTH_QUANTILE:-calibrate}; key=length_quantile ;;
     first-eos) option=--eos-penalty; knob=${EOS_PENALTY:-calibrate}; key=eos_penalty ;;
+    blank-penalty) option=--blank-penalty; knob=${BLANK_PENALTY:-calibrate}; key=blank_penalty; rule_flag=() ;;
     *) echo "LENGTH_RULE=$rule: expected quantile or first-eos" >&2; exit 2 ;;
   esac
   local ckpt=$SAVE/checkpoint_best.pt average=${AVERAGE_LAST:-5}
@@ -145,7 +159,7 @@ generate() {
   fi
   fairseq-generate "$DATA" --user-dir elmer_fairseq --task nat_early_exit \
     --path "$ckpt" --gen-subset test --batch-size "${GEN_BATCH:-64}" \
-    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source --length-rule "$rule" "$option" "$knob" \
+    --max-source-positions "${MAX_SOURCE:-512}" --truncate-source "${rule_flag[@]}" "$option" "$knob" \
     "${rules[@]}" "${post[@]}" "${DEVICE[@]}" \
     > "$SAVE/generate-test.txt" 2> "$SAVE/generate-test.err" || { tail -5 "$SAVE/generate-test.err"; exit 1; }
   grep -h "Translated" "$SAVE/generate-test.err" | sed 's/^.*INFO | fairseq_cli.generate | //' || true

@@ -164,7 +164,8 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
                          ("elmer-soft-kd-glat", "no repeated neighbours (4 best), length quantile from train (words)"),
                          ("elmer-soft-kd-glat",
                           "no repeated neighbours (4 best), length quantile from train (words, ratio 0.95)"),
-                         ("elmer-soft-kd-glat-d0-ctc", "ctc (repeats merged, blanks dropped)")}
+                         ("elmer-soft-kd-glat-d0-ctc", "ctc (repeats merged, blanks dropped)"),
+                         ("elmer-soft-kd-glat-d0-ctc", "ctc, blank penalty from train (words, ratio 0.95)")}
     for r in rows.values():
         assert 0.0 <= r["ROUGE-L"] <= 100.0 and 0.0 <= r["ROUGE-L (repeats removed)"] <= 100.0
         assert r["length_ratio"] >= 0 and r["bs1_ms"] > 0 and r["updates"] == 8  # 8 updates may write nothing
@@ -185,6 +186,11 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     ctc_cfg = torch.load(work / "elmer-soft-kd-glat-d0-ctc" / "checkpoint_last.pt", weights_only=True)["cfg"]["model"]
     canvas_b = json.loads((work / "bin" / "canvas.json").read_text())["canvas_len_b"]
     assert ctc_cfg.ctc and ctc_cfg.canvas_len_b == math.ceil(1.5 * canvas_b)
+    blank = json.loads((work / "elmer-soft-kd-glat-d0-ctc" / "calibration.words.blank-penalty.ratio0.95.checkpoint_last.pt.json")
+                       .read_text())
+    assert blank["rule"] == "blank-penalty" and blank["subset"] == "train"
+    assert rows[("elmer-soft-kd-glat-d0-ctc", "ctc, blank penalty from train (words, ratio 0.95)")]["flags"] == [
+        "--blank-penalty", str(blank["blank_penalty"])]
     elmer = rows[("elmer-soft-kd-glat", "most probable </s>")]
     assert elmer["time_matched_updates"] in (0, 4, 8) and "time_matched_rougeL" in elmer
     # the distilled training targets are the teacher's beam outputs, one per training pair

@@ -215,13 +215,16 @@ def test_glancing_under_ctc_reveals_the_alignment(task):
 
 
 @pytest.mark.parametrize("strategy", ["lplm", "hard", "soft"])
-def test_generator_reads_the_canvas_as_ctc(task, strategy):
+@pytest.mark.parametrize("penalty", [0.0, 1.5])
+def test_generator_reads_the_canvas_as_ctc(task, strategy, penalty):
+    """Each position writes its best token, the blank only where log p(blank) - --blank-penalty still
+    beats every other token; then repeats merged and blanks dropped (the naive reading)."""
     d = task.target_dictionary
     model = ctc_model(task, strategy)
     with torch.no_grad():  # make the blank and "cat" likely, so that merging and dropping both happen
         model.decoder.embed_tokens.weight[d.index("<mask>")] *= 3
     sample = make_sample(task, SOURCES, TARGETS)
-    gen = EarlyExitGenerator(d)
+    gen = EarlyExitGenerator(d, blank_penalty=penalty)
     hypos = gen.generate([model], sample)
     with torch.no_grad():
         lprobs, _ = model_log_probs(model, sample, gen.make_policy(model))
@@ -229,12 +232,36 @@ def test_generator_reads_the_canvas_as_ctc(task, strategy):
     for b in range(3):
         allowed = lprobs[:, b].clone()
         allowed[:, banned_tokens(d, ctc=True)] = -math.inf
+        allowed[:, blank] -= penalty
         path = allowed.argmax(-1).tolist()
         want = read(path, blank)
         merged += len([t for t in range(1, 7) if path[t] == path[t - 1] != blank])
         blanks += path.count(blank)
         assert hypos[b][0]["tokens"].tolist() == want + [d.eos()]
-    assert merged > 0 and blanks > 0  # the reading did both of its steps
+    assert merged > 0 and (blanks > 0 or penalty > 0)  # without a penalty the reading did both of its steps
+
+
+def test_blank_penalty_calibration_grid_matches_the_generator(task):
+    """length_calibration --rule blank-penalty: at every penalty of the grid the counted output length
+    is what the generator writes with that --blank-penalty (</s> not counted);
+    the generator refuses a blank penalty for a model without --ctc."""
+    from elmer_fairseq.length_calibration import length_table
+
+    d = task.target_dictionary
+    model = ctc_model(task, "soft")
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight[d.index("<mask>")] *= 3
+    sample = make_sample(task, SOURCES, TARGETS)
+    penalties = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    table = length_table(model, EarlyExitGenerator(d), [sample], penalties, d.pad(), rule="blank-penalty")
+    written = []
+    for penalty in penalties:
+        hypos = EarlyExitGenerator(d, blank_penalty=penalty).generate([model], sample)
+        written.append(sum(int(h[0]["tokens"].numel()) - 1 for h in hypos))
+    assert [table[p][0] for p in penalties] == written
+    assert len(set(written)) > 1  # the penalty moved the lengths (not always up: fewer blanks merge more repeats)
+    with pytest.raises(ValueError, match="--blank-penalty 1 applies to a model trained with --ctc only"):
+        EarlyExitGenerator(d, blank_penalty=1.0).generate([make_model(task)], sample)
 
 
 def test_ctc_refuses_what_moves_an_end(task):

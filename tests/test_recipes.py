@@ -2,6 +2,7 @@
 prepare -> fairseq-preprocess -> a few training updates -> fairseq-generate -> elmer-score."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -126,14 +127,14 @@ def test_recipe_end_to_end(dataset, tmp_path):
                BATCH="8", DATA_ROOT=str(tmp_path / "data-bin"), SAVE_DIR=str(tmp_path / "ckpt"),
                EXTRA_TRAIN_FLAGS=TINY, WORKERS="1", LOG_INTERVAL="1")
     env.pop("GPT2_BPE_DIR", None)
-    # the defaults (GLAT, length quantile calibrated on train, distinct neighbours) on squad_qg; xsum: the
-    # plain first </s> with repeats collapsed
+    # the defaults (GLAT, CTC with the blank penalty calibrated on train) on squad_qg; xsum and personachat:
+    # the plain first </s> with repeats collapsed, without CTC
     quality = dataset == "squad_qg"
     # squad_qg: two whole epochs (45 pairs, batch 8), so that there are epoch checkpoints to average
-    env.update({"CALIBRATION_PAIRS": "20", "MAX_UPDATE": "0"} if quality else {"GLAT": "0", "LENGTH_RULE": "first-eos", "EOS_PENALTY": "0",
+    env.update({"CALIBRATION_PAIRS": "20", "MAX_UPDATE": "0"} if quality else {"GLAT": "0", "CTC": "0", "LENGTH_RULE": "first-eos", "EOS_PENALTY": "0",
                                                              "NEIGHBOURS": "0", "COLLAPSE": "1", "AVERAGE_LAST": "1"})
-    for name in ("GLAT", "LENGTH_RULE", "LENGTH_QUANTILE", "EOS_PENALTY", "TARGET_RATIO", "COLLAPSE",
-                 "NEIGHBOURS", "AVERAGE_LAST") if quality else ():
+    for name in ("GLAT", "CTC", "CTC_CANVAS", "BLANK_PENALTY", "LENGTH_RULE", "LENGTH_QUANTILE", "EOS_PENALTY",
+                 "TARGET_RATIO", "COLLAPSE", "NEIGHBOURS", "AVERAGE_LAST") if quality else ():
         env.pop(name, None)
     out = subprocess.run(["bash", f"scripts/{dataset}.sh", "all", str(raw)], cwd=REPO, env=env,
                          capture_output=True, text=True)
@@ -141,12 +142,15 @@ def test_recipe_end_to_end(dataset, tmp_path):
     if quality:
         chosen = json.loads((tmp_path / "ckpt" / "length-calibration.json").read_text())
         assert chosen["subset"] == "train" and not chosen["collapse_repeats"]
-        assert chosen["no_repeat_neighbours"] == 4 and chosen["unit"] == "words"  # a sentencepiece vocabulary
-        assert chosen["rule"] == "quantile" and chosen["target_ratio"] == 0.95
-        assert f"--length-quantile {chosen['length_quantile']} (chosen on training pairs" in out.stdout
+        assert chosen["no_repeat_neighbours"] == 0 and chosen["unit"] == "words"  # a sentencepiece vocabulary
+        assert chosen["rule"] == "blank-penalty" and chosen["target_ratio"] == 0.95
+        assert f"--blank-penalty {chosen['blank_penalty']} (chosen on training pairs" in out.stdout
         flags = (tmp_path / "ckpt" / "generate-test.err").read_text()  # fairseq-generate logs its configuration
-        assert "'length_rule': 'quantile'" in flags and f"'length_quantile': {chosen['length_quantile']}" in flags
-        assert "glat_ratio" in (tmp_path / "ckpt" / "train.log").read_text()
+        assert "'length_rule': 'first-eos'" in flags and f"'blank_penalty': {chosen['blank_penalty']}" in flags
+        train_log = (tmp_path / "ckpt" / "train.log").read_text()
+        canvas_b = int(re.search(r"CANVAS_B=(\d+)", (tmp_path / "data-bin" / dataset / "canvas.env").read_text())[1])
+        assert "glat_ratio" in train_log and "'ctc': True" in train_log
+        assert f"'canvas_len_b': {math.ceil(1.5 * canvas_b)}" in train_log
         # AVERAGE_LAST=5 by default: the run has fewer epoch checkpoints, says so and averages those
         epochs = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint[0-9]*.pt"))
         assert epochs == ["checkpoint1.pt", "checkpoint2.pt"] and f"holds {len(epochs)} checkpoint<epoch>.pt; averaging those" in out.stdout
