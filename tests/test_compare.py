@@ -185,7 +185,7 @@ def test_harness_end_to_end_on_a_200_pair_slice(tmp_path):
     # the CTC student trained with --ctc on a canvas 1.5 times the data's, read as CTC reads it
     ctc_cfg = torch.load(work / "elmer-soft-kd-glat-d0-ctc" / "checkpoint_last.pt", weights_only=True)["cfg"]["model"]
     canvas_b = json.loads((work / "bin" / "canvas.json").read_text())["canvas_len_b"]
-    assert ctc_cfg.ctc and ctc_cfg.canvas_len_b == math.ceil(1.5 * canvas_b)
+    assert ctc_cfg["ctc"] and ctc_cfg["canvas_len_b"] == math.ceil(1.5 * canvas_b)
     blank = json.loads((work / "elmer-soft-kd-glat-d0-ctc" / "calibration.words.blank-penalty.ratio0.95.checkpoint_last.pt.json")
                        .read_text())
     assert blank["rule"] == "blank-penalty" and blank["subset"] == "train"
