@@ -68,6 +68,14 @@ def align_targets(target, canvas, pad_idx: int, eos_idx: int, post_eos: str, lon
     return targets, loss_mask, is_long.sum()
 
 
+def compact(keep, *tensors):
+    """Each row's positions that ``keep`` (B, T) marks moved to its front, in their order (a stable
+    sort; what follows them is the rest, unspecified), in each of ``tensors`` (B, T). Returns
+    (kept per row (B,), *moved tensors)."""
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    return (keep.sum(1),) + tuple(t.gather(1, order) for t in tensors)
+
+
 def canvas_rule_from_targets(target_lengths, percentile: float = 0.99):
     """The data-driven canvas rule the recipes use: ``(a, b) = (0, p-th percentile of the training
     targets' length in pieces + 1 for </s>)``. ``target_lengths`` are piece counts without </s>.

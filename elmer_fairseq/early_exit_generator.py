@@ -13,8 +13,9 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 import torch
 import torch.nn.functional as F
 
-from .exit_policies import LastLayerExit, banned_tokens, fill_banned_
+from .canvas import compact
 from .ctc import collapse
+from .exit_policies import LastLayerExit, banned_tokens, fill_banned_
 from .exit_strategies import strategy_of
 
 LENGTH_RULES = ("first-eos", "mode", "median", "quantile")
@@ -43,10 +44,8 @@ def collapse_repeats(tokens, lengths, *aligned):
     width = tokens.size(1)
     valid = torch.arange(width, device=tokens.device)[None, :] < lengths[:, None]
     prev = F.pad(tokens[:, :-1], (1, 0), value=-1)
-    keep = valid & tokens.ne(prev)
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    gathered = [t.gather(1, order) for t in (tokens,) + aligned]
-    return (gathered[0], keep.sum(1)) + tuple(gathered[1:])
+    kept, tokens, *aligned = compact(valid & tokens.ne(prev), tokens, *aligned)
+    return (tokens, kept) + tuple(aligned)
 
 
 def best_tokens(logits, banned, eos=None, k=0):
@@ -209,7 +208,8 @@ class EarlyExitGenerator:
                                        (f"--no-repeat-neighbours {self.candidates}", self.candidates > 0)) if on]
         if given:
             raise ValueError(f"{', '.join(given)}: not for a model trained with --ctc, whose output length comes "
-                             "from merging repeats and dropping blanks (--blank-penalty moves it); leave them at their defaults")
+                             "from merging repeats and dropping blanks (--blank-penalty moves it); leave them at "
+                             "their defaults")
 
     @torch.no_grad()
     def position_scores(self, model, src_tokens, src_lengths):

@@ -173,7 +173,7 @@ class ElmerNATConfig(FairseqDataclass):
         metadata={"help": "CTC over the canvas (ctc.py): every position writes a token or the blank (<mask>), the "
                   "output merges repeats and drops blanks, so its length comes from the one pass (no </s> cut, "
                   "no --length-rule); trained with the CTC loss at every off-ramp the strategy trains. Give a "
-                  "canvas about twice the longest usual target (--canvas-len-a/-b)"},
+                  "canvas longer than the targets (--canvas-len-a/-b; the recipes: 1.5x the p99 target length)"},
     )
     long_target: ChoiceEnum(LONG_TARGET_CHOICES) = field(
         default="truncate",

@@ -101,8 +101,8 @@ def counted_lengths(tokens, lengths, collapse=False, marks=None):
 
 def ctc_lengths_at_penalties(tokens, scores, blank_scores, pad, penalties, blank, marks=None):
     """Output lengths (P, B) of a --ctc canvas read at each ``--blank-penalty`` in ``penalties`` (P,)
-    (``ctc_canvas`` then ``ctc.collapse``, as generation reads it), in pieces, or in words with ``marks``. One reading per
-    grid value, each vectorised over the batch."""
+    (``ctc_canvas`` then ``ctc.collapse``, as generation reads it), in pieces, or in words with
+    ``marks``. One reading per grid value, each vectorised over the batch."""
     out = []
     for penalty in penalties.tolist():
         labels, label_scores = ctc_canvas(tokens, scores, blank_scores, blank, penalty)
@@ -124,17 +124,17 @@ def length_table(model, generator, batches, penalties, pad_idx, collapse=False, 
         net = sample["net_input"]
         tokens, scores, eos_scores, _, pad = generator.position_scores(model, net["src_tokens"], net["src_lengths"])
         grid = penalties_t.to(scores.device)
-        if rule == "blank-penalty":  # eos_scores: log p(blank); the lengths are counted already
-            hyp += ctc_lengths_at_penalties(tokens, scores.float(), eos_scores.float(), pad, grid,
-                                            model.decoder.mask_idx, marks).sum(1).cpu()
-        elif rule == "quantile":
-            lengths = lengths_at_quantiles(eos_scores.float(), pad, grid, model.cfg.post_eos)
+        if rule == "blank-penalty":  # eos_scores: log p(blank); each reading counted in its own tokens
+            lengths = ctc_lengths_at_penalties(tokens, scores.float(), eos_scores.float(), pad, grid,
+                                               model.decoder.mask_idx, marks)
         else:
-            lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, grid)
-        if rule != "blank-penalty":
+            if rule == "quantile":
+                lengths = lengths_at_quantiles(eos_scores.float(), pad, grid, model.cfg.post_eos)
+            else:
+                lengths = lengths_at_penalties(scores.float(), eos_scores.float(), pad, grid)
             if collapse or marks is not None:
                 lengths = counted_lengths(tokens, lengths, collapse, marks)
-            hyp += lengths.sum(1).cpu()
+        hyp += lengths.sum(1).cpu()
         target = sample["target"]
         ref_lengths = target.ne(pad_idx).sum(1) - 1  # the reference's </s> not counted
         if marks is not None:
