@@ -38,8 +38,8 @@ class TrainingBatch:
     its logits (T, B, V) returning (loss, nll); ``mask`` then marks every canvas slot and ``targets``
     holds no reference. ``gold``/``gold_mask`` (B, T): the tokens soft exit may feed upward in
     training (``--soft-gold-prob``); by default ``targets``/``mask``, under ``--ctc`` the reference's
-    alignment if one was computed (GLAT), else None. Strategies score through ``score_rows`` and
-    ``score_canvas``, which serve both.
+    alignment if one was computed (GLAT), else None. Strategies score through ``score_exit_states``,
+    ``score_rows`` and ``score_canvas``, which serve both.
     """
 
     model: torch.nn.Module
@@ -67,6 +67,18 @@ class TrainingBatch:
         full = logits.new_zeros(self.mask.shape + logits.shape[-1:])
         full[self.mask] = logits
         return self.sequence_loss(full.transpose(0, 1))
+
+    def score_exit_states(self, decoder, states, layers):
+        """(loss, nll) of the exit states ``states`` (B, T, C), each read at its exit layer ``layers``
+        (B, T, in 1..L; any value at padding). Per-position losses project the positions ``mask`` marks;
+        a sequence loss (``--ctc``, where ``mask`` is every canvas slot) projects the canvas where it lies,
+        (T, B, V), instead of scattering the slots' logits into a zero tensor of that size (a padding
+        slot's exit state is zero, as its scattered logits were)."""
+        if self.sequence_loss is None:
+            return self.score_rows(decoder.project(states[self.mask], layers[self.mask]))
+        flat = states.transpose(0, 1).reshape(-1, states.size(-1))
+        logits = decoder.project(flat, layers.t().reshape(-1).clamp(min=1))
+        return self.sequence_loss(logits.view(states.size(1), states.size(0), -1))
 
     def score_canvas(self, logits):
         """(loss, nll) of ``logits`` (T, B, V) of the whole canvas, read at the positions ``mask`` marks."""
@@ -136,8 +148,8 @@ class LPLMStrategy(ExitStrategy):
         layers = exit_layers[mask]
         if k > 1 and batch.sequence_loss is not None:
             raise ValueError("--lplm-samples above 1 does not combine with --ctc")
-        logits = model.decoder.project(states[mask], layers)
-        loss, nll_loss = replace(batch, targets=targets, mask=mask).score_rows(logits)
+        scored = replace(batch, targets=targets, mask=mask)
+        loss, nll_loss = scored.score_exit_states(model.decoder, states, exit_layers)
         return loss, nll_loss, layers, k
 
 
@@ -162,7 +174,7 @@ class HardStrategy(ExitStrategy):
         states, extra = model(prev_output_tokens=batch.canvas, policy=policy, return_all_hiddens=all_layers,
                               **batch.net_input)
         layers = extra["exit_layers"][mask]
-        loss, nll_loss = batch.score_rows(model.decoder.project(states[mask], layers))
+        loss, nll_loss = batch.score_exit_states(model.decoder, states, extra["exit_layers"])
         if all_layers:
             per_layer = extra["layer_outputs"]
             for layer, h in enumerate(per_layer, start=1):
@@ -195,7 +207,7 @@ class SoftStrategy(ExitStrategy):
         )
         states, extra = model(prev_output_tokens=batch.canvas, policy=policy, **batch.net_input)
         L = model.num_exit_layers
-        loss, nll_loss = batch.score_rows(model.decoder.off_ramp(states[mask], L))
+        loss, nll_loss = batch.score_exit_states(model.decoder, states, torch.full_like(batch.canvas, L))
         loss = loss / L
         # the inner layers' logits are (T, B, V), computed at every position for the argmax: the loss
         # reads the trained positions in place (no gather of vocabulary-sized rows)

@@ -10,7 +10,8 @@ for ``--updates`` updates, without validation or checkpoints. From fairseq's own
 (``ups``, ``wpb``) after the first ``--skip`` updates (start-up, first allocations): updates/s (total
 updates over total time) and target tokens/s, and each against the AR's. Systems: ``ar``;
 ``elmer-lplm``, ``elmer-hard``, ``elmer-soft``, ``elmer-soft-glat``; a ``+bf16`` suffix adds
-``--autocast-bf16`` (``+ad0``: ``--attention-dropout 0``, the AR's default) to an ELMER system.
+``--autocast-bf16`` (``+ad0``: ``--attention-dropout 0``, the AR's default; ``+d0``: ``--dropout 0``, the
+harness's students; ``+ctc``: ``--ctc`` on compare.py's CTC canvas, 1.5x the data's) to an ELMER system.
 ``--env NAME=VALUE`` runs every system with that environment variable (e.g. ``THP_MEM_ALLOC_ENABLE=1``:
 PyTorch's CPU allocator puts blocks of 2 MB and more on transparent huge pages, so vocabulary-sized
 tensors fault in 2 MB at a time instead of 4 KB).
@@ -26,11 +27,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import AR_TRAIN, REPO, SIZES, base_train_flags, elmer_train_flags, tool  # noqa: E402
+from compare import AR_TRAIN, REPO, SIZES, base_train_flags, ctc_canvas, elmer_train_flags, tool  # noqa: E402
 
 STRATEGIES = {"elmer-lplm": ["--early-exit", "lplm"], "elmer-hard": ["--early-exit", "hard"],
               "elmer-soft": ["--early-exit", "soft"], "elmer-soft-glat": ["--early-exit", "soft", "--glat"]}
-MODIFIERS = {"bf16": ["--autocast-bf16"], "ad0": ["--attention-dropout", "0"]}
+MODIFIERS = {"bf16": ["--autocast-bf16"], "ad0": ["--attention-dropout", "0"], "d0": ["--dropout", "0"],
+             "ctc": ["--ctc"]}
 DEFAULT = "ar,elmer-lplm,elmer-hard,elmer-soft,elmer-soft-glat,elmer-soft-glat+bf16"
 
 
@@ -46,6 +48,8 @@ def system_flags(name, canvas):
     unknown = [m for m in mods if m not in MODIFIERS]
     if unknown:
         raise SystemExit(f"--systems: {name}: unknown modifier(s) {', '.join(unknown)}; choose from {', '.join(MODIFIERS)}")
+    if "ctc" in mods:  # compare.py's --ctc systems: a canvas CTC_CANVAS_FACTOR times the data's
+        canvas = ctc_canvas(canvas)
     return elmer_train_flags(canvas) + STRATEGIES[base] + [f for m in mods for f in MODIFIERS[m]]
 
 

@@ -224,6 +224,10 @@ def test_train_speed_reads_fairseq_intervals_by_hand():
         train_speed.system_flags("elmer-soft+fp8", {"canvas_len_a": 0, "canvas_len_b": 8})
     with pytest.raises(SystemExit, match="ELMER systems only"):
         train_speed.system_flags("ar+bf16", {"canvas_len_a": 0, "canvas_len_b": 8})
+    # +ctc trains on compare.py's CTC canvas: ceil(1.5 x 21) = 32 slots, as the debsum CTC student
+    flags = train_speed.system_flags("elmer-soft-glat+d0+ctc", {"canvas_len_a": 0, "canvas_len_b": 21})
+    assert flags[flags.index("--canvas-len-b") + 1] == "32" and "--ctc" in flags
+    assert flags[flags.index("--dropout") + 1] == "0"
 
 
 def test_train_speed_end_to_end_on_the_sample(data_bin, tmp_path):
