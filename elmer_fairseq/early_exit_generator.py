@@ -10,6 +10,8 @@ Hypotheses follow fairseq's format (``tokens`` ending in ``</s>``, ``score``,
 ``fairseq-interactive`` print them as usual, plus ``exit_layers``.
 """
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +19,8 @@ from .canvas import compact
 from .ctc import collapse
 from .exit_policies import LastLayerExit, banned_tokens, fill_banned_
 from .exit_strategies import strategy_of
+
+logger = logging.getLogger(__name__)
 
 LENGTH_RULES = ("first-eos", "mode", "median", "quantile")
 
@@ -166,11 +170,13 @@ class EarlyExitGenerator:
         no_repeat_neighbours: K > 1: neighbouring positions do not write the same token where one of
             them has another among its K best (``distinct_neighbours``), before the length rule
             compares each position's token with ``</s>``; 0: every position its best token.
+        bf16: cast the model to bfloat16 at its first batch (``--bf16-generation``; the model is changed
+            in place, as fairseq-generate's ``--fp16`` halves it); the scores stay fp32.
     """
 
     def __init__(self, tgt_dict, exit_threshold=None, collapse=False, retain_exit_layers=True, compile=False,
                  length_rule="first-eos", eos_penalty=0.0, no_repeat_neighbours=0, length_quantile=0.5,
-                 blank_penalty=0.0):
+                 blank_penalty=0.0, bf16=False):
         if length_rule not in LENGTH_RULES:
             raise ValueError(f"--length-rule must be one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
         if not 0.0 < length_quantile < 1.0:
@@ -186,6 +192,7 @@ class EarlyExitGenerator:
         self.length_rule = length_rule
         self.eos_penalty = eos_penalty
         self.blank_penalty = blank_penalty
+        self.bf16 = bf16
         if no_repeat_neighbours == 1 or no_repeat_neighbours < 0:
             raise ValueError(f"--no-repeat-neighbours must be 0 (off) or at least 2, got {no_repeat_neighbours}")
         self.candidates = no_repeat_neighbours
@@ -308,6 +315,9 @@ class EarlyExitGenerator:
             )
         if model.training:  # eval() walks every module: ~0.3 ms a call at batch size 1
             model.eval()
+        if self.bf16 and model.decoder.embed_tokens.weight.dtype != torch.bfloat16:
+            logger.info("--bf16-generation: the model's weights are cast to bfloat16")
+            model.to(torch.bfloat16)
         net_input = sample["net_input"]
         tokens, scores, exit_layers, lengths = self.decode(model, net_input["src_tokens"], net_input["src_lengths"])
         if self.collapse:

@@ -38,6 +38,14 @@ def test_generate_with_hard_exit_threshold(trained):
     assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
 
 
+def test_generate_with_bf16_generation(trained):
+    """--bf16-generation through fairseq-generate: every hypothesis printed, the cast logged."""
+    tmp, dest, ckpt, _ = trained
+    out = ok(run("fairseq_cli.generate", generate_args(dest, ckpt / "checkpoint_last.pt", "--bf16-generation")))
+    assert len(re.findall(r"^H-\d+\t", out, re.M)) == 6
+    assert "cast to bfloat16" in out
+
+
 def test_interactive(trained):
     tmp, dest, ckpt, _ = trained
     proc = run("fairseq_cli.interactive", [

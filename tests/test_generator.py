@@ -237,3 +237,26 @@ def test_no_repeat_neighbours_refuses_hard_exit_and_k_one(task):
         EarlyExitGenerator(task.target_dictionary, exit_threshold=0.5, no_repeat_neighbours=3).generate([model], sample)
     with pytest.raises(ValueError, match="--no-repeat-neighbours must be 0"):
         EarlyExitGenerator(task.target_dictionary, no_repeat_neighbours=1)
+
+
+@pytest.mark.parametrize("strategy,ctc", [("soft", False), ("soft", True), ("lplm", False)])
+def test_bf16_generation_is_the_model_cast_to_bf16(task, strategy, ctc):
+    """--bf16-generation: the generator casts the model to bfloat16 at its first batch, in place; its
+    hypotheses are those of a bf16 copy cast by hand and read by the plain generator, scores in fp32."""
+    import copy
+
+    model = make_model(task, early_exit=strategy, ctc=ctc, canvas_len_a=2.0)
+    by_hand = copy.deepcopy(model).to(torch.bfloat16)
+    sample = make_sample(task, ["the cat sat on the mat", "a dog ran"], ["cat", "dog"])
+    d = task.target_dictionary
+    fp32 = EarlyExitGenerator(d).generate([model], sample)
+    want = EarlyExitGenerator(d).generate([by_hand], sample)
+    got = EarlyExitGenerator(d, bf16=True).generate([model], sample)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for a, b in zip(want, got):
+        assert torch.equal(a[0]["tokens"], b[0]["tokens"])
+        assert b[0]["positional_scores"].dtype == torch.float32
+        assert torch.equal(a[0]["positional_scores"], b[0]["positional_scores"])
+    # bf16 is not a no-op: the scores move off the fp32 model's
+    assert any(not torch.equal(a[0]["positional_scores"], b[0]["positional_scores"]) for a, b in zip(fp32, got)
+               if torch.equal(a[0]["tokens"], b[0]["tokens"]))
