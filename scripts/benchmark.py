@@ -194,6 +194,11 @@ def systems(args, device, dtype):
         if model.cfg.early_exit == "soft":
             gen = DecoderSetting(EarlyExitGenerator(task.target_dictionary), screen_argmax=False)
             out.append(("ELMER soft, full fp32 inner argmax", model, task, gen, False))
+        if args.bf16_generation_too and dtype == torch.float32:
+            # a second copy of the model: the generator casts it to bf16 in place at its first (warm-up) batch
+            copy, task = elmer(args.elmer_soft)
+            gen = EarlyExitGenerator(task.target_dictionary, bf16=True)
+            out.append(("ELMER soft, --bf16-generation", copy, task, gen, False))
     for kind in ("nat", "ar"):
         path = getattr(args, kind)
         if not path and not args.size:
@@ -400,6 +405,9 @@ def main():
     p.add_argument("--large-batch", type=int, default=64)
     p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 32, 128])
     p.add_argument("--compile", action="store_true", help="also time ELMER with the --compile generator")
+    p.add_argument("--bf16-generation-too", action="store_true",
+                   help="also time the --elmer-soft model with --bf16-generation (its weights cast to bf16, the "
+                   "other systems in --dtype): what fairseq-generate gives an ELMER user on a bf16-capable CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

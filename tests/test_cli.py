@@ -1,5 +1,6 @@
 """End to end through fairseq's own CLIs with --user-dir: preprocess, train, resume, generate, interactive."""
 
+import argparse
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO, TRAIN_FLAGS, generate_args, ok, run, write_payload_checkpoint
 
@@ -270,3 +272,25 @@ def test_bf16_loss_check_compares_the_same_batches_both_ways(trained, tmp_path):
     assert json.loads(out.read_text())["batches"] == result["batches"] >= 1
     assert result["diff_bits"] != 0 and abs(result["diff_bits"]) < 0.05 * result["fp32_bits"]
     assert result["diff_bits"] == pytest.approx(result["bf16_bits"] - result["fp32_bits"])
+
+
+def test_benchmark_times_bf16_generation_on_its_own_copy(trained):
+    """benchmark.py --bf16-generation-too: the extra row's generator casts its own copy of the model, so
+    the other rows keep timing the fp32 model."""
+    tmp, dest, ckpt, _ = trained
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import benchmark
+
+    args = argparse.Namespace(data=str(dest), length=None, elmer=None, size=None, nat=None, ar=None, thresholds=[],
+                              elmer_soft=str(ckpt / "checkpoint_last.pt"), compile=False, masked_too=False,
+                              bf16_generation_too=True)
+    systems = benchmark.systems(args, torch.device("cpu"), torch.float32)
+    rows = {name: (model, task, gen) for name, model, task, gen, _ in systems}
+    model, task, gen = rows["ELMER soft, --bf16-generation"]
+    plain = rows["ELMER soft"][0]
+    assert model is not plain
+    sample = next(iter(benchmark.batches(task, "test", 2, 2, torch.device("cpu"))))
+    hypos = benchmark.run_one(model, task, gen, sample, False)
+    assert len(hypos) == 2
+    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert plain.decoder.embed_tokens.weight.dtype == torch.float32
