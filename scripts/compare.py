@@ -267,11 +267,11 @@ def train_flags(args, name, max_update=None):
     if "--glat" in extra:
         extra = extra + ["--glat-anneal-updates", str(args.max_update)]
     if "--ctc" in extra:
-        canvas = ctc_canvas(canvas)
+        canvas = ctc_canvas_rule(canvas)
     return elmer_train_flags(canvas) + common + extra
 
 
-def ctc_canvas(canvas):
+def ctc_canvas_rule(canvas):
     """The canvas rule of a --ctc system: the data's, with its length CTC_CANVAS_FACTOR times longer."""
     return dict(canvas, canvas_len_b=math.ceil(canvas["canvas_len_b"] * CTC_CANVAS_FACTOR))
 

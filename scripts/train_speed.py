@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import AR_TRAIN, REPO, SIZES, base_train_flags, ctc_canvas, elmer_train_flags, tool  # noqa: E402
+from compare import AR_TRAIN, REPO, SIZES, base_train_flags, ctc_canvas_rule, elmer_train_flags, tool  # noqa: E402
 
 STRATEGIES = {"elmer-lplm": ["--early-exit", "lplm"], "elmer-hard": ["--early-exit", "hard"],
               "elmer-soft": ["--early-exit", "soft"], "elmer-soft-glat": ["--early-exit", "soft", "--glat"]}
@@ -49,7 +49,7 @@ def system_flags(name, canvas):
     if unknown:
         raise SystemExit(f"--systems: {name}: unknown modifier(s) {', '.join(unknown)}; choose from {', '.join(MODIFIERS)}")
     if "ctc" in mods:  # compare.py's --ctc systems: a canvas CTC_CANVAS_FACTOR times the data's
-        canvas = ctc_canvas(canvas)
+        canvas = ctc_canvas_rule(canvas)
     return elmer_train_flags(canvas) + STRATEGIES[base] + [f for m in mods for f in MODIFIERS[m]]
 
 
