@@ -13,6 +13,8 @@ length prediction; IterativeRefinementGenerator with max_iter 0); and the floor:
 decoder forward pass of the same ELMER model (+ last off-ramp and argmax), no generator around it;
 with --compile also ELMER's generator with torch.compile (warm-up compiles it).
 
+Sentences: --max-sentences of the split spread evenly over its source lengths (``timing_ids``; the same
+for every system), not the shortest ones fairseq's iterator yields first.
 Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, with
 CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
 CUDA's peak allocation, or on CPU the rise of the process's peak RSS (VmHWM, reset through
@@ -33,6 +35,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from fairseq import checkpoint_utils, options, tasks, utils
@@ -219,21 +222,43 @@ def systems(args, device, dtype):
 
 # ---------------------------------------------------------------- measurement
 
-def batches(task, split, batch_size, limit, device):
+def timing_ids(models_tasks, split, limit):
+    """The sentence ids of ``split`` every system is timed on: of the sentences whose source every model
+    takes whole (within its maximum source positions: others are counted and left out), ``limit`` spread
+    evenly over the source lengths (sorted by length, every (n / limit)-th, from the shortest to the
+    longest), so the figures are those of the split's inputs, not of its shortest ones (fairseq's batch
+    iterator yields the shortest first). ``models_tasks``: (model, task) pairs, the first one's source
+    lengths order the sentences."""
+    keep, order_sizes = None, None
+    for model, task in models_tasks:
+        if split not in task.datasets:
+            task.load_dataset(split)
+        sizes = np.asarray(task.dataset(split).src_sizes)
+        limit_src = model.max_positions()
+        limit_src = limit_src[0] if isinstance(limit_src, tuple) else limit_src
+        fits = sizes <= limit_src if limit_src is not None else np.ones(len(sizes), dtype=bool)
+        keep = fits if keep is None else keep & fits
+        order_sizes = sizes if order_sizes is None else order_sizes
+    ids = np.flatnonzero(keep)
+    if len(ids) < len(keep):
+        logger.info(f"{split}: {len(keep) - len(ids)} of {len(keep)} sentences left out, their source longer than "
+                    "a model's maximum source positions")
+    ids = ids[np.argsort(order_sizes[ids], kind="stable")]
+    if len(ids) > limit:
+        ids = ids[np.linspace(0, len(ids) - 1, limit).round().astype(int)]
+    return ids.tolist()
+
+
+def batches(task, split, ids, batch_size, device):
+    """The sentences ``ids`` of ``split`` (``timing_ids``), in that order, collated by ``task``'s dataset into
+    batches of ``batch_size``."""
     if split not in task.datasets:
         task.load_dataset(split)
     dataset = task.dataset(split)
-    itr = task.get_batch_iterator(
-        dataset=dataset, max_sentences=batch_size, max_positions=None, ignore_invalid_inputs=True,
-        seed=1, num_workers=0, required_batch_size_multiple=1,
-        disable_iterator_cache=True,  # fairseq would hand back the first batch size's iterator
-    ).next_epoch_itr(shuffle=False)
-    out, n = [], 0
-    for sample in itr:
-        if n >= limit:
-            break
+    out = []
+    for start in range(0, len(ids), batch_size):
+        sample = dataset.collater([dataset[i] for i in ids[start:start + batch_size]])
         out.append(utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample)
-        n += sample["nsentences"]
     return out
 
 
@@ -303,10 +328,11 @@ def measure_all(systems_list, args, device):
     tokens = [0] * len(systems_list)
     exits = [ExitHistogram(getattr(model, "num_exit_layers", None)) for _, model, *_ in systems_list]
     with torch.inference_mode():
+        ids = timing_ids([(model, task) for _, model, task, *_ in systems_list], args.split, args.max_sentences)
         per_task = {}
         for _, model, task, gen, floor in systems_list:
             if id(task) not in per_task:
-                per_task[id(task)] = batches(task, args.split, 1, args.max_sentences, device)
+                per_task[id(task)] = batches(task, args.split, ids, 1, device)
         for _, model, task, gen, floor in systems_list:
             for sample in per_task[id(task)][: args.warmup]:
                 run_one(model, task, gen, sample, floor)
@@ -332,7 +358,7 @@ def measure_all(systems_list, args, device):
             if exits[j].total:
                 res["exit_layer_fractions"] = exits[j].fractions()
                 res["mean_exit_layer"] = exits[j].mean()
-            big = batches(task, args.split, args.large_batch, args.max_sentences, device)
+            big = batches(task, args.split, ids, args.large_batch, device)
             # warm-up on every batch, not only the first: each new shape's first call on CUDA loads and
             # selects kernels (seen on an H200: 340 instead of 9,800 sentences/s for the first system timed in fp16)
             for sample in big:
@@ -346,7 +372,7 @@ def measure_all(systems_list, args, device):
             sync(device)
             res[f"sent_per_s_bs{args.large_batch}"] = count / (time.perf_counter() - t0)
             for bs in args.memory_batches:
-                sample = batches(task, args.split, bs, bs, device)[0]
+                sample = batches(task, args.split, ids[:bs], bs, device)[0]
                 record = {}
                 with peak_memory(device, record):
                     run_one(model, task, gen, sample, floor)
@@ -400,7 +426,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="forced output lengths (one table each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--max-sentences", type=int, default=200, help="sentences timed per setting")
+    p.add_argument("--max-sentences", type=int, default=200, help="sentences timed per setting, spread over the split's source lengths")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--large-batch", type=int, default=64)
     p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 32, 128])

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from benchmark import batches, generation_config, load, sync
+from benchmark import batches, generation_config, load, sync, timing_ids
 
 import elmer_fairseq  # noqa: F401
 
@@ -164,7 +164,7 @@ def main():
             gen = task.build_generator([model], argparse.Namespace(iter_decode_max_iter=0))
         else:
             gen = task.build_generator([model], generation_config(1))
-        samples = batches(task, args.split, 1, args.sentences, device)
+        samples = batches(task, args.split, timing_ids([(model, task)], args.split, args.sentences), 1, device)
         results[kind] = profile(model, task, gen, samples, device)
     for kind, figures in results.items():
         whole = figures["whole call"]

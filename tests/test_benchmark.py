@@ -17,7 +17,8 @@ def test_large_batch_throughput_is_timed_after_every_batch_ran_once(monkeypatch)
 
     small = [{"id": f"s{i}", "nsentences": 1} for i in range(3)]
     large = [{"id": f"L{i}", "nsentences": n} for i, n in enumerate((4, 4, 2))]
-    monkeypatch.setattr(benchmark, "batches", lambda task, split, bs, limit, device: small if bs == 1 else large)
+    monkeypatch.setattr(benchmark, "timing_ids", lambda models_tasks, split, limit: list(range(10)))
+    monkeypatch.setattr(benchmark, "batches", lambda task, split, ids, bs, device: small if bs == 1 else large)
     calls, clock = [], [0.0]
 
     def run_one(model, task, gen, sample, floor):
@@ -39,3 +40,22 @@ def test_large_batch_throughput_is_timed_after_every_batch_ran_once(monkeypatch)
     # warm-up: L0 L1 L2 untimed; then t0, the timed pass, and the end of the clock
     assert large_calls[-8:] == ["L0", "L1", "L2", "clock", "L0", "L1", "L2", "clock"]
     assert res["sent_per_s_bs4"] == 10 / 1.0  # 10 sentences over one tick of the fake clock
+
+
+def test_timing_ids_spread_over_source_lengths_and_fit_every_model():
+    """The timed sentences: those every model takes whole, sorted by the first task's source lengths, then
+    every (n / limit)-th from the shortest to the longest (by hand for 10 sentences, limit 4)."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import benchmark
+
+    def system(src_sizes, max_source):
+        dataset = argparse.Namespace(src_sizes=src_sizes)
+        task = argparse.Namespace(datasets={"valid": dataset}, dataset=lambda split: dataset)
+        return argparse.Namespace(max_positions=lambda: (max_source, 1024)), task
+
+    sizes = [50, 10, 90, 30, 70, 20, 600, 40, 80, 60]  # id 6 is longer than the second model takes
+    elmer = system(sizes, 1024)
+    nat = system(sizes, 512)
+    # the nine that fit, by length: ids 1 5 3 7 0 9 4 8 2; positions 0, 3 (2.67), 5 (5.33), 8
+    assert benchmark.timing_ids([elmer, nat], "valid", 4) == [1, 7, 9, 2]
+    assert benchmark.timing_ids([elmer], "valid", 100) == [1, 5, 3, 7, 0, 9, 4, 8, 2, 6]

@@ -184,13 +184,13 @@ def test_profile_generation_attributes_time_to_the_part_that_spends_it(trained, 
 
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import profile_generation
-    from benchmark import batches, load
+    from benchmark import batches, load, timing_ids
 
     _, dest, ckpt, _ = trained
     model, task = load(str(ckpt / "checkpoint_last.pt"), str(dest))
     model.eval()
     gen = task.build_generator([model], None)
-    samples = batches(task, "valid", 1, 4, torch.device("cpu"))
+    samples = batches(task, "valid", timing_ids([(model, task)], "valid", 4), 1, torch.device("cpu"))
     plain = profile_generation.profile(model, task, gen, samples, torch.device("cpu"), warmup=1)
     layer = model.decoder.layers[1]
     forward = layer.forward
@@ -289,7 +289,7 @@ def test_benchmark_times_bf16_generation_on_its_own_copy(trained):
     model, task, gen = rows["ELMER soft, --bf16-generation"]
     plain = rows["ELMER soft"][0]
     assert model is not plain
-    sample = next(iter(benchmark.batches(task, "test", 2, 2, torch.device("cpu"))))
+    sample = benchmark.batches(task, "test", [0, 1], 2, torch.device("cpu"))[0]
     hypos = benchmark.run_one(model, task, gen, sample, False)
     assert len(hypos) == 2
     assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
