@@ -5,7 +5,8 @@
 #   with trained checkpoints in the environment (any of ELMER, ELMER_SOFT, AR, NAT: their paths), it times
 #   those at natural lengths on SPLIT (test); with none, untrained base-size models at forced lengths 16 and
 #   64 (latency does not depend on the weights). THRESHOLDS (default "1 3") are the hard-exit δ values;
-#   EXTRA_FLAGS go to benchmark.py (e.g. "--masked-too --compile").
+#   EXTRA_FLAGS go to benchmark.py (e.g. "--masked-too --compile", or "--bf16-generation-too": the fp32 table
+#   also times the ELMER_SOFT model with --bf16-generation).
 # Exit status 3, and nothing run, when torch sees no CUDA device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
