@@ -131,7 +131,7 @@ class Floor:
         net = sample["net_input"]
         policy = SoftExit() if self.soft else None
         states, _ = model(net["src_tokens"], net["src_lengths"], sample["canvas"], policy=policy)
-        return model.decoder.off_ramp(states, model.num_exit_layers).argmax(-1)
+        return model.decoder.off_ramp(states, model.num_exit_layers).max(-1).indices  # (bf16: argmax is slow)
 
 
 class DecoderSetting:

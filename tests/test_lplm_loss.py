@@ -162,6 +162,12 @@ def test_allowed_argmax_equals_ban_then_argmax():
     assert torch.equal(got, ban_tokens(scores, banned).argmax(-1))
     assert got[2, 2] == 7 and not torch.isin(got, torch.tensor(banned)).any()
     assert torch.equal(allowed_argmax(scores, []), scores.argmax(-1))
+    # nothing banned, a vocabulary-sized bf16 row (the CPU path takes max's indices): ties to the lower id
+    wide = torch.randn(6, 8000, generator=gen).to(torch.bfloat16)
+    wide[:3, [4000, 6000, 7999]] = 9.0
+    wide[3, [17, 16]] = 9.0
+    assert torch.equal(allowed_argmax(wide, []), wide.float().argmax(-1))
+    assert allowed_argmax(wide, [])[:4].tolist() == [4000, 4000, 4000, 16]
     # ban_tokens against a mask built independently; the input is left as it was
     before = scores.clone()
     mask = torch.zeros(40, dtype=torch.bool)
