@@ -15,8 +15,8 @@ with --compile also ELMER's generator with torch.compile (warm-up compiles it).
 
 Sentences: --max-sentences of the split spread evenly over its source lengths (``timing_ids``; the same
 for every system), not the shortest ones fairseq's iterator yields first.
-Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, with
-CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
+Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, each
+timed call after an untimed one of the same system on the same sentence, with CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
 CUDA's peak allocation, or on CPU the rise of the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) over its RSS before the run. ``--lengths`` forces every system to write outputs
 of exactly that many tokens (AR: min_len = max_len; NAT: its length prediction is replaced; ELMER: the
@@ -322,7 +322,9 @@ def _proc_status(field):
 def measure_all(systems_list, args, device):
     """Every system on the same inputs. Batch-size-1 latency is taken round-robin (each sentence
     by every system in turn, after a warm-up of every system), so that drift in the machine's
-    speed falls on all systems alike; then large-batch throughput and peak memory per system."""
+    speed falls on all systems alike, each timed call right after an untimed one of the same system on
+    the same sentence (warm caches for every system alike); then large-batch throughput and peak memory
+    per system."""
     results = [{"system": name} for name, *_ in systems_list]
     times = [[] for _ in systems_list]
     tokens = [0] * len(systems_list)
@@ -340,6 +342,10 @@ def measure_all(systems_list, args, device):
         for i in range(n):
             for j, (_, model, task, gen, floor) in enumerate(systems_list):
                 sample = per_task[id(task)][i]
+                # untimed first: every system is timed with its own weights in the CPU's caches, as a server
+                # running one model sees (else the system after another model pays for reloading them, and
+                # the rows that share a model ride on the row before)
+                run_one(model, task, gen, sample, floor)
                 sync(device)
                 t0 = time.perf_counter()
                 hypos = run_one(model, task, gen, sample, floor)

@@ -59,3 +59,32 @@ def test_timing_ids_spread_over_source_lengths_and_fit_every_model():
     # the nine that fit, by length: ids 1 5 3 7 0 9 4 8 2; positions 0, 3 (2.67), 5 (5.33), 8
     assert benchmark.timing_ids([elmer, nat], "valid", 4) == [1, 7, 9, 2]
     assert benchmark.timing_ids([elmer], "valid", 100) == [1, 5, 3, 7, 0, 9, 4, 8, 2, 6]
+
+
+def test_each_batch_one_call_is_timed_right_after_an_untimed_call_of_the_same_system(monkeypatch):
+    """Round-robin at batch 1: for every sentence and system, one untimed call, then the clock, the timed
+    call of the same system on the same sentence, the clock; the systems take turns sentence by sentence."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import benchmark
+
+    small = [{"id": f"s{i}", "nsentences": 1} for i in range(2)]
+    monkeypatch.setattr(benchmark, "timing_ids", lambda models_tasks, split, limit: [0, 1])
+    monkeypatch.setattr(benchmark, "batches", lambda task, split, ids, bs, device: small if bs == 1 else [])
+    calls = []
+
+    def run_one(model, task, gen, sample, floor):
+        calls.append((model.name, sample["id"]))
+        return [[{"tokens": torch.tensor([4, 2])}]]
+
+    monkeypatch.setattr(benchmark, "run_one", run_one)
+    ticks = iter(range(1000))
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: calls.append("clock") or float(next(ticks)))
+    task = argparse.Namespace(target_dictionary=argparse.Namespace(bos=lambda: 0, eos=lambda: 2, pad=lambda: 1))
+    systems = [(n, argparse.Namespace(name=n), task, None, False) for n in ("a", "b")]
+    args = argparse.Namespace(split="valid", max_sentences=2, warmup=0, large_batch=4, memory_batches=[])
+    benchmark.measure_all(systems, args, torch.device("cpu"))
+    want = []
+    for i in ("s0", "s1"):
+        for n in ("a", "b"):
+            want += [(n, i), "clock", (n, i), "clock"]
+    assert calls[:len(want)] == want
