@@ -101,7 +101,7 @@ class NATEarlyExitConfig(TranslationConfig):
         metadata={
             "help": "generation: the model runs in bfloat16, its weights cast once at the first batch (as "
             "fairseq-generate's --fp16 casts to half); scores stay fp32. On CPUs with AVX512-BF16/AMX: the debsum "
-            "CTC student 1.37x faster at batch 1 (scripts/benchmark.py --bf16-generation-too), 153 of 1,715 valid "
+            "CTC student 1.47x faster at batch 1 (scripts/benchmark.py --bf16-generation-too), 153 of 1,715 valid "
             "outputs changed, ROUGE kept (README). Validation (--eval-rouge) stays in fp32"
         },
     )
