@@ -70,14 +70,20 @@ class TrainingBatch:
 
     def score_exit_states(self, decoder, states, layers):
         """(loss, nll) of the exit states ``states`` (B, T, C), each read at its exit layer ``layers``
-        (B, T, in 1..L; any value at padding). Per-position losses project the positions ``mask`` marks;
-        a sequence loss (``--ctc``, where ``mask`` is every canvas slot) projects the canvas where it lies,
-        (T, B, V), instead of scattering the slots' logits into a zero tensor of that size (a padding
-        slot's exit state is zero, as its scattered logits were)."""
+        (B, T, in 1..L; any value at padding), or all at the one layer ``layers`` (an int: one off-ramp,
+        no per-layer selection). Per-position losses project the positions ``mask`` marks; a sequence loss
+        (``--ctc``, where ``mask`` is every canvas slot) projects the canvas where it lies, (T, B, V),
+        instead of scattering the slots' logits into a zero tensor of that size (a padding slot's exit
+        state is zero, as its scattered logits were)."""
+        def project(x, select):
+            if isinstance(layers, int):
+                return decoder.off_ramp(x, layers)
+            return decoder.project(x, select(layers).clamp(min=1))
+
         if self.sequence_loss is None:
-            return self.score_rows(decoder.project(states[self.mask], layers[self.mask]))
+            return self.score_rows(project(states[self.mask], lambda t: t[self.mask]))
         flat = states.transpose(0, 1).reshape(-1, states.size(-1))
-        logits = decoder.project(flat, layers.t().reshape(-1).clamp(min=1))
+        logits = project(flat, lambda t: t.t().reshape(-1))
         return self.sequence_loss(logits.view(states.size(1), states.size(0), -1))
 
     def score_canvas(self, logits):
@@ -207,7 +213,7 @@ class SoftStrategy(ExitStrategy):
         )
         states, extra = model(prev_output_tokens=batch.canvas, policy=policy, **batch.net_input)
         L = model.num_exit_layers
-        loss, nll_loss = batch.score_exit_states(model.decoder, states, torch.full_like(batch.canvas, L))
+        loss, nll_loss = batch.score_exit_states(model.decoder, states, L)
         loss = loss / L
         # the inner layers' logits are (T, B, V), computed at every position for the argmax: the loss
         # reads the trained positions in place (no gather of vocabulary-sized rows)

@@ -16,9 +16,10 @@ with --compile also ELMER's generator with torch.compile (warm-up compiles it).
 Sentences: --max-sentences of the split spread evenly over its source lengths (``timing_ids``; the same
 for every system), not the shortest ones fairseq's iterator yields first.
 Timing: ms per sample at batch size 1 (median and p90 over the sentences, after --warmup batches, each
-timed call after an untimed one of the same system on the same sentence, with CUDA synchronisation) and sentences/s at --large-batch. Peak memory per batch size (--memory-batches):
-CUDA's peak allocation, or on CPU the rise of the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs) over its RSS before the run. ``--lengths`` forces every system to write outputs
+timed call after an untimed one of the same system on the same sentence, with CUDA synchronisation) and
+sentences/s at --large-batch. Peak memory per batch size (--memory-batches): CUDA's peak allocation,
+or on CPU the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its RSS
+before the run. ``--lengths`` forces every system to write outputs
 of exactly that many tokens (AR: min_len = max_len; NAT: its length prediction is replaced; ELMER: the
 canvas), so the speedup can be read against output length; without it each system decides its own
 length. Prints a table laid out like the paper's Table 1 latency column; --json writes every figure.
@@ -432,7 +433,8 @@ def main():
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="forced output lengths (one table each)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--max-sentences", type=int, default=200, help="sentences timed per setting, spread over the split's source lengths")
+    p.add_argument("--max-sentences", type=int, default=200,
+                   help="sentences timed per setting, spread over the split's source lengths")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--large-batch", type=int, default=64)
     p.add_argument("--memory-batches", type=int, nargs="*", default=[1, 32, 128])

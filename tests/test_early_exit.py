@@ -209,10 +209,11 @@ def naive_soft_loss(model, sample, targets, mask):
     return total
 
 
-def test_soft_loss_equals_naive_per_layer_reference(task):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_soft_loss_equals_naive_per_layer_reference(task, per_layer):
     from elmer_fairseq.canvas import align_targets
 
-    model = make_model(task, early_exit="soft", canvas_len_a=0.0, canvas_len_b=8)
+    model = make_model(task, early_exit="soft", canvas_len_a=0.0, canvas_len_b=8, per_layer_off_ramps=per_layer)
     sample = make_sample(task, SOURCES, TARGETS)
     d = task.target_dictionary
     canvas = model.initialize_canvas(sample["net_input"]["src_lengths"])
